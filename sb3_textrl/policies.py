@@ -1,0 +1,285 @@
+"""``LMPolicy``: an SB3 actor-critic policy whose actor is a Hugging Face causal LM."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.distributions import CategoricalDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+from transformers import PreTrainedModel
+
+from sb3_textrl.loading import load_causal_lm, load_tokenizer
+
+# bound on the elements of the (chunk, batch, length) comparison that finds shared prefixes
+_COVER_CHUNK_ELEMENTS = 1 << 24
+
+
+def split_observation(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
+    """
+    ``(input_ids, attention_mask)``, both ``(batch, length)`` int64, from a token observation.
+
+    :param obs: a dict with ``input_ids`` and ``attention_mask`` (see :class:`~sb3_textrl.spaces.TokenObservationSpace`),
+        or a tensor of token ids (every token attended)
+    """
+    if isinstance(obs, dict):
+        input_ids, attention_mask = obs["input_ids"].long(), obs["attention_mask"].long()
+    else:
+        input_ids = obs.long()
+        attention_mask = th.ones_like(input_ids)
+    if input_ids.dim() == 1:
+        input_ids, attention_mask = input_ids[None], attention_mask[None]
+    return input_ids, attention_mask
+
+
+def last_token_index(attention_mask: th.Tensor) -> th.Tensor:
+    """Index of the last attended token of each row: ``(batch,)`` int64."""
+    positions = th.arange(attention_mask.shape[1], device=attention_mask.device)
+    return th.where(attention_mask.bool(), positions, -1).amax(dim=1)
+
+
+def covering_rows(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    """
+    Group observations that are prefixes of one another, so one forward pass serves them all.
+
+    Under causal attention, the hidden state at the last token of row ``i`` only depends on the tokens and mask up to
+    that position. Row ``j`` *covers* row ``i`` when both agree there; then row ``i``'s outputs can be read off row
+    ``j``'s forward pass at the same position. All the steps of one episode are covered by its last observation.
+
+    :param input_ids: ``(batch, length)`` int64 token ids
+    :param attention_mask: ``(batch, length)`` int64 mask
+    :return: ``rows``, the indices of the rows to run (``(n_rows,)``), and ``cover``, for each input row the index
+        into ``rows`` of the row that covers it (``(batch,)``)
+    """
+    batch, length = input_ids.shape
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    last = last_token_index(attention_mask)
+    positions = th.arange(length, device=input_ids.device)
+    best = th.empty(batch, dtype=th.long, device=input_ids.device)
+    chunk = max(1, _COVER_CHUNK_ELEMENTS // max(1, batch * length))
+    for start in range(0, batch, chunk):
+        stop = min(start + chunk, batch)
+        mask_i = mask[start:stop, None, :]
+        same = (mask_i == mask[None]) & (~mask_i | (input_ids[start:stop, None, :] == input_ids[None]))
+        relevant = positions[None, None, :] <= last[start:stop, None, None]
+        covers = (same | ~relevant).all(dim=-1)  # (chunk, batch): row j covers row i
+        best[start:stop] = th.where(covers, lengths[None, :], -1).argmax(dim=1)
+    rows, cover = th.unique(best, return_inverse=True)
+    return rows, cover
+
+
+class CausalLMActorCriticPolicy(ActorCriticPolicy):
+    """
+    Actor-critic policy over a causal language model, for SB3's on-policy algorithms (PPO, A2C, TRPO, REINFORCE).
+
+    The actor is the LM: its LM-head logits (float32) at the last attended token of the observation are the
+    ``Categorical`` action distribution over the next token. The critic is a value head, a zero-initialised
+    ``Linear(hidden_size, 1)``, on the LM's last hidden state at the same token (shared trunk, one trainable copy
+    of the LM). Dropout is always off, so rollouts and updates see the same distribution. Position ids come from the
+    attention mask (left padding is exact).
+
+    A frozen copy of the initial LM, the reference model, gives ``ref_logp`` for the KL penalty of
+    Ziegler et al. (2019), "Fine-Tuning Language Models from Human Preferences" (https://arxiv.org/abs/1909.08593);
+    see :class:`~sb3_textrl.callbacks.KLPenaltyCallback`. It is outside ``parameters()``, the optimizer and the
+    state dict (a saved model holds the LM once; loading rebuilds the reference from ``model_name_or_path``).
+
+    Observations from the same episode are prefixes of one another: ``evaluate_actions``, ``get_distribution`` and
+    ``predict_values`` run one forward pass per group of such observations (see :func:`covering_rows`), so a minibatch
+    holding whole episodes costs one forward pass per episode.
+
+    :param observation_space: a :class:`~sb3_textrl.spaces.TokenObservationSpace` (or a ``Box`` of token ids)
+    :param action_space: ``Discrete(n)``, ``n`` the LM's logits width
+    :param lr_schedule: learning rate schedule
+    :param model_name_or_path: the LM to fine-tune (alias, ``.gguf`` file or local directory); default: the one the
+        environment was built for (``observation_space.model_name_or_path``). Never a model object: it is pickled.
+    :param model_kwargs: keyword arguments for ``AutoModelForCausalLM.from_pretrained``, e.g.
+        ``dict(attn_implementation="eager")`` (needed by TRPO's double backward on CPU)
+    :param use_reference_model: keep a frozen copy of the initial LM for the KL penalty
+    :param kwargs: the other keyword arguments of ``ActorCriticPolicy`` (``optimizer_class``, ``optimizer_kwargs``, ...);
+        ``net_arch`` and ``activation_fn`` are ignored (there is no MLP)
+    :raises ValueError: if no LM is named, or the LM's logits width differs from ``action_space.n``
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        model_name_or_path: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        use_reference_model: bool = True,
+        **kwargs,
+    ):
+        if not isinstance(action_space, spaces.Discrete):
+            raise ValueError(f"LMPolicy needs a Discrete action space of token ids, got {action_space}.")
+        if kwargs.get("use_sde"):
+            raise ValueError("`use_sde=True` is for continuous actions; LMPolicy's actions are token ids.")
+        if model_name_or_path is None:
+            model_name_or_path = getattr(observation_space, "model_name_or_path", None)
+        if model_name_or_path is None:
+            raise ValueError(
+                "LMPolicy does not know which LM to use: pass policy_kwargs=dict(model_name_or_path=...) "
+                "or use an environment built for an LM (e.g. sb3_textrl/TextGeneration-v0)."
+            )
+        if not isinstance(model_name_or_path, (str, os.PathLike)):
+            raise ValueError(
+                f"`model_name_or_path` must be a name or path (it is pickled with the model), "
+                f"got {type(model_name_or_path).__name__}."
+            )
+        self.model_name_or_path = os.fspath(model_name_or_path)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.use_reference_model = use_reference_model
+        kwargs.setdefault("ortho_init", False)
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    # --- construction -------------------------------------------------------------------------------------------------
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        lm = load_causal_lm(self.model_name_or_path, self.model_kwargs)
+        width = lm.get_output_embeddings().weight.shape[0]
+        if width != self.action_space.n:
+            raise ValueError(
+                f"The LM `model_name_or_path={self.model_name_or_path!r}` has {width} logits but the action space is "
+                f"Discrete({self.action_space.n}): the environment was built for another vocabulary. Build the env and "
+                "the policy from the same `model_name_or_path`."
+            )
+        lm.config.use_cache = False
+        self.lm: PreTrainedModel = lm
+        hidden_size = lm.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        # a tuple keeps the frozen copy out of parameters(), state_dict() and the optimizer
+        self._reference: tuple[PreTrainedModel, ...] = ()
+        if self.use_reference_model:
+            self._reference = (copy.deepcopy(lm).requires_grad_(False).eval(),)
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            model_name_or_path=self.model_name_or_path,
+            model_kwargs=self.model_kwargs,
+            use_reference_model=self.use_reference_model,
+        )
+        return data
+
+    @property
+    def reference_model(self) -> PreTrainedModel | None:
+        """The frozen initial LM (``None`` with ``use_reference_model=False``)."""
+        return self._reference[0] if self._reference else None
+
+    @property
+    def tokenizer(self):
+        return load_tokenizer(self.model_name_or_path)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for model in self._reference:  # .to(device) moves the reference model too
+            model._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> CausalLMActorCriticPolicy:
+        super().train(mode)
+        self.lm.eval()  # dropout stays off: the probability ratio must be 1 at the first update
+        return self
+
+    # --- forward passes -----------------------------------------------------------------------------------------------
+
+    def _last_hidden(self, obs: PyTorchObs, lm: PreTrainedModel) -> th.Tensor:
+        """
+        The LM's last hidden state at the last attended token of each observation.
+
+        :return: ``(batch, hidden_size)`` in the LM's dtype
+        """
+        input_ids, attention_mask = split_observation(obs)
+        rows, cover = covering_rows(input_ids, attention_mask)
+        ids, mask = input_ids[rows], attention_mask[rows]
+        # drop the columns that no row attends to (left padding of short prompts, right padding after the text)
+        attended = mask.any(dim=0).nonzero()
+        first, stop = int(attended.min()), int(attended.max()) + 1
+        ids, mask = ids[:, first:stop], mask[:, first:stop]
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)[0]
+        return hidden[cover, last_token_index(attention_mask) - first]
+
+    def _logits(self, hidden: th.Tensor, lm: PreTrainedModel) -> th.Tensor:
+        """Next-token logits, ``(batch, vocab_size)`` float32."""
+        logits = lm.get_output_embeddings()(hidden).float()
+        softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        if softcap:
+            logits = th.tanh(logits / softcap) * softcap
+        return logits
+
+    def _distribution_and_values(self, obs: PyTorchObs) -> tuple[CategoricalDistribution, th.Tensor]:
+        hidden = self._last_hidden(obs, self.lm)
+        distribution = self.action_dist.proba_distribution(action_logits=self._logits(hidden, self.lm))
+        values = self.value_head(hidden.float())
+        return distribution, values
+
+    def forward(self, obs: PyTorchObs, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """
+        Sample the next token.
+
+        :param obs: token observations, ``(n_envs, max_length)`` int64 ``input_ids`` and ``attention_mask``
+        :param deterministic: take the most likely token (greedy decoding)
+        :return: actions ``(n_envs,)`` int64 token ids, values ``(n_envs, 1)`` float32, log-probs ``(n_envs,)`` float32
+        """
+        distribution, values = self._distribution_and_values(obs)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, values, distribution.log_prob(actions)
+
+    def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
+        """
+        Values, log-probs and entropies of the given tokens, one forward pass per group of prefix-sharing observations.
+
+        :param obs: ``(batch, max_length)`` int64 ``input_ids`` and ``attention_mask``
+        :param actions: ``(batch,)`` token ids
+        :return: values ``(batch, 1)``, log-probs ``(batch,)``, entropies ``(batch,)``, all float32
+        """
+        distribution, values = self._distribution_and_values(obs)
+        return values, distribution.log_prob(actions.long().flatten()), distribution.entropy()
+
+    def get_distribution(self, obs: PyTorchObs) -> CategoricalDistribution:
+        return self._distribution_and_values(obs)[0]
+
+    def predict_values(self, obs: PyTorchObs) -> th.Tensor:
+        """Values ``(batch, 1)`` float32 of the observations."""
+        return self.value_head(self._last_hidden(obs, self.lm).float())
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        return self.get_distribution(observation).get_actions(deterministic=deterministic)
+
+    @th.no_grad()
+    def reference_log_prob(self, obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
+        """
+        Log-probabilities of ``actions`` under the frozen reference model, ``(batch,)`` float32.
+
+        :raises ValueError: if the policy was built with ``use_reference_model=False``
+        """
+        if self.reference_model is None:
+            raise ValueError("This policy has no reference model: build it with policy_kwargs=dict(use_reference_model=True).")
+        hidden = self._last_hidden(obs, self.reference_model)
+        logits = self._logits(hidden, self.reference_model)
+        return th.log_softmax(logits, dim=-1).gather(1, actions.long().reshape(-1, 1)).squeeze(1)
+
+    # --- export -------------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """
+        Export the fine-tuned LM and its tokenizer with ``save_pretrained`` (loadable by ``AutoModelForCausalLM``),
+        plus the value head as ``value_head.pt``.
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        self.lm.save_pretrained(save_directory)
+        self.tokenizer.save_pretrained(save_directory)
+        th.save(self.value_head.state_dict(), os.path.join(save_directory, "value_head.pt"))
+
+
+LMPolicy = CausalLMActorCriticPolicy

@@ -1,0 +1,36 @@
+"""Make ``"LMPolicy"`` resolvable by name in SB3 algorithms (SB3 has no plugin entry points)."""
+
+from __future__ import annotations
+
+from stable_baselines3.common.base_class import BaseAlgorithm
+
+from sb3_textrl.policies import LMPolicy
+
+ALIAS = "LMPolicy"
+
+
+def add_lm_policy_alias(algorithm_class: type[BaseAlgorithm]) -> None:
+    """
+    Add ``"LMPolicy"`` to ``algorithm_class.policy_aliases`` without leaking it into other classes.
+
+    ``policy_aliases`` may be inherited from a parent class (``OnPolicyAlgorithm`` and ``BaseAlgorithm`` share one
+    dict): the class gets its own copy before the alias is added.
+    """
+    if "policy_aliases" not in vars(algorithm_class):
+        algorithm_class.policy_aliases = dict(algorithm_class.policy_aliases)
+    algorithm_class.policy_aliases[ALIAS] = LMPolicy
+
+
+def register_policy_alias() -> None:
+    """Register the alias in PPO, A2C and, if sb3-contrib is installed, TRPO."""
+    from stable_baselines3 import A2C, PPO
+
+    classes: list[type[BaseAlgorithm]] = [PPO, A2C]
+    try:
+        from sb3_contrib import TRPO
+    except ImportError:
+        pass
+    else:
+        classes.append(TRPO)
+    for algorithm_class in classes:
+        add_lm_policy_alias(algorithm_class)
