@@ -14,6 +14,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 from transformers import PreTrainedModel
 
+from sb3_textrl.kv_cache import RolloutKVCache
 from sb3_textrl.loading import load_causal_lm, load_tokenizer
 
 # bound on the elements of the (chunk, batch, length) comparison that finds shared prefixes
@@ -91,7 +92,9 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
 
     Observations from the same episode are prefixes of one another: ``evaluate_actions``, ``get_distribution`` and
     ``predict_values`` run one forward pass per group of such observations (see :func:`covering_rows`), so a minibatch
-    holding whole episodes costs one forward pass per episode.
+    holding whole episodes costs one forward pass per episode. Without gradients (rollouts, ``predict``), a KV cache
+    carried from call to call (:class:`~sb3_textrl.kv_cache.RolloutKVCache`) makes each new token cost one
+    incremental forward; it is dropped whenever the weights may change (training mode, optimizer step, loading).
 
     :param observation_space: a :class:`~sb3_textrl.spaces.TokenObservationSpace` (or a ``Box`` of token ids)
     :param action_space: ``Discrete(n)``, ``n`` the LM's logits width
@@ -101,6 +104,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
     :param model_kwargs: keyword arguments for ``AutoModelForCausalLM.from_pretrained``, e.g.
         ``dict(attn_implementation="eager")`` (needed by TRPO's double backward on CPU)
     :param use_reference_model: keep a frozen copy of the initial LM for the KL penalty
+    :param use_kv_cache: carry a KV cache across calls made without gradients (rollouts); results are the same
     :param kwargs: the other keyword arguments of ``ActorCriticPolicy`` (``optimizer_class``, ``optimizer_kwargs``, ...);
         ``net_arch`` and ``activation_fn`` are ignored (there is no MLP)
     :raises ValueError: if no LM is named, or the LM's logits width differs from ``action_space.n``
@@ -114,6 +118,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         model_name_or_path: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         use_reference_model: bool = True,
+        use_kv_cache: bool = True,
         **kwargs,
     ):
         if not isinstance(action_space, spaces.Discrete):
@@ -135,6 +140,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         self.model_name_or_path = os.fspath(model_name_or_path)
         self.model_kwargs = dict(model_kwargs or {})
         self.use_reference_model = use_reference_model
+        self.use_kv_cache = use_kv_cache
         kwargs.setdefault("ortho_init", False)
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -159,7 +165,9 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         self._reference: tuple[PreTrainedModel, ...] = ()
         if self.use_reference_model:
             self._reference = (copy.deepcopy(lm).requires_grad_(False).eval(),)
+        self._kv_cache = RolloutKVCache(lm)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
+        self.optimizer.register_step_post_hook(lambda *_: self._kv_cache.reset())  # cached keys/values are stale now
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -167,6 +175,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             model_name_or_path=self.model_name_or_path,
             model_kwargs=self.model_kwargs,
             use_reference_model=self.use_reference_model,
+            use_kv_cache=self.use_kv_cache,
         )
         return data
 
@@ -180,6 +189,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         return load_tokenizer(self.model_name_or_path)
 
     def _apply(self, fn, *args, **kwargs):
+        if hasattr(self, "_kv_cache"):
+            self._kv_cache.reset()
         super()._apply(fn, *args, **kwargs)
         for model in self._reference:  # .to(device) moves the reference model too
             model._apply(fn, *args, **kwargs)
@@ -188,7 +199,13 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
     def train(self, mode: bool = True) -> CausalLMActorCriticPolicy:
         super().train(mode)
         self.lm.eval()  # dropout stays off: the probability ratio must be 1 at the first update
+        if mode:
+            self._kv_cache.reset()  # the weights are about to change
         return self
+
+    def load_state_dict(self, *args, **kwargs):
+        self._kv_cache.reset()
+        return super().load_state_dict(*args, **kwargs)
 
     # --- forward passes -----------------------------------------------------------------------------------------------
 
@@ -199,6 +216,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         :return: ``(batch, hidden_size)`` in the LM's dtype
         """
         input_ids, attention_mask = split_observation(obs)
+        if self.use_kv_cache and lm is self.lm and not th.is_grad_enabled():
+            return self._kv_cache.last_hidden(input_ids, attention_mask)
         rows, cover = covering_rows(input_ids, attention_mask)
         ids, mask = input_ids[rows], attention_mask[rows]
         # drop the columns that no row attends to (left padding of short prompts, right padding after the text)

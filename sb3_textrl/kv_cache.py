@@ -1,0 +1,153 @@
+"""A KV cache carried across rollout steps, so sampling costs one incremental forward per token."""
+
+from __future__ import annotations
+
+import torch as th
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+
+def _layers(cache: DynamicCache) -> list[tuple[th.Tensor, th.Tensor]]:
+    """Per-layer ``(keys, values)``, each ``(batch, kv_heads, length, head_dim)``."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def _make_cache(layers: list[tuple[th.Tensor, th.Tensor]]) -> DynamicCache:
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
+
+
+def _left_pad(tensor: th.Tensor, width: int, dim: int) -> th.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - 1 - dim % tensor.dim()) + [missing, 0]
+    return F.pad(tensor, pad)
+
+
+def right_align(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    """Roll each row so that its last attended token is in the last column (keeps the mask's holes)."""
+    width = input_ids.shape[1]
+    positions = th.arange(width, device=input_ids.device)
+    last = th.where(attention_mask.bool(), positions, -1).amax(dim=1)
+    index = (positions[None, :] - (width - 1 - last[:, None])) % width
+    return input_ids.gather(1, index), attention_mask.gather(1, index)
+
+
+class RolloutKVCache:
+    """
+    The key/value cache of the observations a policy saw at its previous call, one row per environment.
+
+    At each call, every row is either the same observation as before (its hidden state is reused), the same plus one
+    token (one incremental forward over that token), or new (an environment reset: a forward over its whole
+    observation). Rows keep their own attention mask over the cache, and position ids follow the observation's
+    mask, so the results equal a forward over the full observation. Correct for any sequence of observations: a row
+    whose tokens do not extend the cached ones is recomputed.
+
+    :param lm: the causal LM (its ``base_model`` is run)
+    """
+
+    def __init__(self, lm: PreTrainedModel):
+        self.lm = lm
+        self.reset()
+
+    def reset(self) -> None:
+        self.input_ids: th.Tensor | None = None  # (batch, max_length): the observations the cache holds
+        self.obs_mask: th.Tensor | None = None
+        self.cache_mask: th.Tensor | None = None  # (batch, cache_length)
+        self.layers: list[tuple[th.Tensor, th.Tensor]] = []
+        self.hidden: th.Tensor | None = None  # (batch, hidden_size): last hidden state of each row
+
+    def _run(self, input_ids, attention_mask, position_ids, past=None):
+        out = self.lm.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=True,
+        )
+        return out[0][:, -1], _layers(out.past_key_values)
+
+    @th.no_grad()
+    def last_hidden(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
+        """
+        The LM's last hidden state at the last attended token of each observation.
+
+        :param input_ids: ``(batch, max_length)`` int64
+        :param attention_mask: ``(batch, max_length)`` int64
+        :return: ``(batch, hidden_size)``
+        """
+        batch = input_ids.shape[0]
+        if self.input_ids is None or self.input_ids.shape != input_ids.shape:
+            self.reset()
+            return self._store(input_ids, attention_mask, *self._fresh(input_ids, attention_mask))
+        old_ids, old_mask = self.input_ids, self.obs_mask
+        positions = th.arange(input_ids.shape[1], device=input_ids.device)
+        new_last = th.where(attention_mask.bool(), positions, -1).amax(dim=1)
+        old_last = th.where(old_mask.bool(), positions, -1).amax(dim=1)
+        tokens_kept = ((input_ids == old_ids) | ~old_mask.bool()).all(dim=1)
+        same = tokens_kept & (attention_mask == old_mask).all(dim=1)
+        grown = old_mask.clone()
+        grown[th.arange(batch), (old_last + 1).clamp(max=input_ids.shape[1] - 1)] = 1
+        extended = tokens_kept & (new_last == old_last + 1) & (attention_mask == grown).all(dim=1)
+        fresh = ~(same | extended)
+
+        hidden = th.empty_like(self.hidden)
+        width = self.cache_mask.shape[1] + 1
+        parts: list[tuple[th.Tensor, th.Tensor, list[tuple[th.Tensor, th.Tensor]]]] = []  # (rows, mask, layers)
+        if extended.any():
+            rows = extended.nonzero().squeeze(1)
+            mask = F.pad(self.cache_mask[rows], (0, 1), value=1)
+            past = _make_cache([(k[rows], v[rows]) for k, v in self.layers])
+            position_ids = (attention_mask[rows].sum(dim=1, keepdim=True) - 1).clamp(min=0)
+            hidden[rows], layers = self._run(input_ids[rows, new_last[rows]][:, None], mask, position_ids, past)
+            parts.append((rows, mask, layers))
+        if same.any():
+            rows = same.nonzero().squeeze(1)
+            hidden[rows] = self.hidden[rows]
+            # a masked dummy column keeps every row's cache the same length
+            layers = [(F.pad(k[rows], (0, 0, 0, 1)), F.pad(v[rows], (0, 0, 0, 1))) for k, v in self.layers]
+            parts.append((rows, F.pad(self.cache_mask[rows], (0, 1), value=0), layers))
+        if fresh.any():
+            rows = fresh.nonzero().squeeze(1)
+            fresh_hidden, mask, layers = self._fresh(input_ids[rows], attention_mask[rows])
+            hidden[rows] = fresh_hidden
+            width = max(width, mask.shape[1])
+            parts.append((rows, mask, layers))
+
+        cache_mask = th.zeros((batch, width), dtype=attention_mask.dtype, device=attention_mask.device)
+        merged = [
+            (k.new_zeros((batch, *k.shape[1:2], width, k.shape[3])), v.new_zeros((batch, *v.shape[1:2], width, v.shape[3])))
+            for k, v in parts[0][2]
+        ]
+        for rows, mask, layers in parts:
+            cache_mask[rows] = _left_pad(mask, width, dim=1)
+            for (mk, mv), (k, v) in zip(merged, layers):
+                mk[rows] = _left_pad(k, width, dim=2)
+                mv[rows] = _left_pad(v, width, dim=2)
+        self.cache_mask, self.layers = cache_mask, merged
+        return self._store(input_ids, attention_mask, hidden, None, None)
+
+    def _fresh(self, input_ids: th.Tensor, attention_mask: th.Tensor):
+        ids, mask = right_align(input_ids, attention_mask)
+        attended = mask.any(dim=0).nonzero()
+        ids, mask = ids[:, int(attended.min()) :], mask[:, int(attended.min()) :]
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden, layers = self._run(ids, mask, position_ids)
+        return hidden, mask, layers
+
+    def _store(self, input_ids, attention_mask, hidden, cache_mask, layers) -> th.Tensor:
+        if cache_mask is not None:
+            self.cache_mask, self.layers = cache_mask, layers
+        # drop the leading columns that no row attends to any more (finished episodes)
+        attended = self.cache_mask.any(dim=0).nonzero()
+        start = int(attended.min()) if len(attended) else 0
+        if start > 0:
+            self.cache_mask = self.cache_mask[:, start:]
+            self.layers = [(k[:, :, start:], v[:, :, start:]) for k, v in self.layers]
+        self.input_ids, self.obs_mask, self.hidden = input_ids.clone(), attention_mask.clone(), hidden
+        return hidden
