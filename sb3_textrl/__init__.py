@@ -1,13 +1,14 @@
 """sb3_textrl: fine-tune causal language models with Stable-Baselines3 on Gymnasium text environments.
 
 Importing the package registers the ``sb3_textrl/`` Gymnasium environments and makes ``"LMPolicy"`` resolvable
-by name in PPO, A2C and (when sb3-contrib is installed) TRPO.
+by name in PPO, A2C, REINFORCE and (when sb3-contrib is installed) TRPO.
 """
 
 from sb3_textrl import envs  # noqa: F401  (registers the environments)
 from sb3_textrl.callbacks import KLPenaltyCallback
 from sb3_textrl.policies import CausalLMActorCriticPolicy, LMPolicy
 from sb3_textrl.registration import register_policy_alias
+from sb3_textrl.reinforce import REINFORCE
 from sb3_textrl.rewards import get_reward_fn
 from sb3_textrl.spaces import TokenObservationSpace
 from sb3_textrl.version import __version__
@@ -15,6 +16,7 @@ from sb3_textrl.version import __version__
 register_policy_alias()
 
 __all__ = [
+    "REINFORCE",
     "CausalLMActorCriticPolicy",
     "KLPenaltyCallback",
     "LMPolicy",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Generator
 
 import numpy as np
@@ -42,7 +43,7 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
             starts[0, :] = True  # the rollout's first step starts a (possibly cut) episode in each env
             flat_starts = np.flatnonzero(starts.T.reshape(-1))
             bounds = [*flat_starts.tolist(), self.buffer_size * self.n_envs]
-            self._episodes = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+            self._episodes = [np.arange(a, b) for a, b in itertools.pairwise(bounds)]
         return self._episodes
 
     def get(self, batch_size: int | None = None) -> Generator[DictRolloutBufferSamples, None, None]:

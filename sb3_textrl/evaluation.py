@@ -145,7 +145,9 @@ def evaluate_prompts(
             if k == 0:
                 first_sampled = list(zip(sampled_text, scores))
         for prompt, g_text, g_score, (s_text, s_score) in zip(batch_prompts, greedy_text, greedy_batch, first_sampled):
-            samples.append({"prompt": prompt, "greedy": g_text, "greedy_score": g_score, "sampled": s_text, "sampled_score": s_score})
+            samples.append(
+                {"prompt": prompt, "greedy": g_text, "greedy_score": g_score, "sampled": s_text, "sampled_score": s_score}
+            )
     return EvaluationResult(
         reward_greedy=float(np.mean(greedy_scores)),
         reward_sampled=float(np.mean(sampled_scores)),

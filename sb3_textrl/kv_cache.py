@@ -55,7 +55,13 @@ class RolloutKVCache:
         self.lm = lm
         self.reset()
 
+    def _weights_fingerprint(self) -> tuple[int, int]:
+        # in-place updates (optimizer steps, load_state_dict) bump a tensor's version; `p.data = ...` moves its storage
+        params = list(self.lm.parameters())
+        return sum(p._version for p in params), hash(tuple(p.data_ptr() for p in params))
+
     def reset(self) -> None:
+        self.fingerprint: tuple[int, int] | None = None
         self.input_ids: th.Tensor | None = None  # (batch, max_length): the observations the cache holds
         self.obs_mask: th.Tensor | None = None
         self.cache_mask: th.Tensor | None = None  # (batch, cache_length)
@@ -82,8 +88,15 @@ class RolloutKVCache:
         :return: ``(batch, hidden_size)``
         """
         batch = input_ids.shape[0]
-        if self.input_ids is None or self.input_ids.shape != input_ids.shape:
+        fingerprint = self._weights_fingerprint()
+        if (
+            self.input_ids is None
+            or self.input_ids.shape != input_ids.shape
+            or fingerprint != self.fingerprint
+            or self.cache_mask.shape[1] > 2 * input_ids.shape[1]  # rows that never advance: rebuild, stay bounded
+        ):
             self.reset()
+            self.fingerprint = fingerprint
             return self._store(input_ids, attention_mask, *self._fresh(input_ids, attention_mask))
         old_ids, old_mask = self.input_ids, self.obs_mask
         positions = th.arange(input_ids.shape[1], device=input_ids.device)
@@ -95,6 +108,8 @@ class RolloutKVCache:
         grown[th.arange(batch), (old_last + 1).clamp(max=input_ids.shape[1] - 1)] = 1
         extended = tokens_kept & (new_last == old_last + 1) & (attention_mask == grown).all(dim=1)
         fresh = ~(same | extended)
+        if same.all():
+            return self.hidden
 
         hidden = th.empty_like(self.hidden)
         width = self.cache_mask.shape[1] + 1

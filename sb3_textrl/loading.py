@@ -54,8 +54,21 @@ def _only_gguf(directory: str, what: str) -> str | None:
     return ggufs[0] if ggufs else None
 
 
-@functools.lru_cache(maxsize=32)
-def resolve_model(model_name_or_path: str) -> ModelLocation:
+def model_name(model_name_or_path) -> str:
+    """
+    ``model_name_or_path`` as a string.
+
+    :raises ValueError: if it is not a string or path (e.g. a model object)
+    """
+    if not isinstance(model_name_or_path, (str, os.PathLike)):
+        raise ValueError(
+            f"`model_name_or_path` must be a model alias ({sorted(MODEL_ALIASES)}), a .gguf file or a local directory, "
+            f"got {type(model_name_or_path).__name__}. Pass a name or path, never a model object."
+        )
+    return os.fspath(model_name_or_path)
+
+
+def resolve_model(model_name_or_path: str | os.PathLike) -> ModelLocation:
     """
     Find a model's files on disk, without downloading anything.
 
@@ -64,12 +77,11 @@ def resolve_model(model_name_or_path: str) -> ModelLocation:
     :raises ValueError: if ``model_name_or_path`` is not a string, names no alias, file or directory,
         or if the package shipping an alias is not installed (the message gives the ``pip`` command)
     """
-    if not isinstance(model_name_or_path, (str, os.PathLike)):
-        raise ValueError(
-            f"`model_name_or_path` must be a model alias ({sorted(MODEL_ALIASES)}), a .gguf file or a local directory, "
-            f"got {type(model_name_or_path).__name__}. Pass a name or path, never a model object."
-        )
-    name = os.fspath(model_name_or_path)
+    return _resolve_model(model_name(model_name_or_path))
+
+
+@functools.lru_cache(maxsize=32)
+def _resolve_model(name: str) -> ModelLocation:
     if name.lower() in MODEL_ALIASES:
         package, hint, file_name = MODEL_ALIASES[name.lower()]
         spec = importlib.util.find_spec(package)
@@ -115,9 +127,13 @@ def _load(what: str, loader, location: ModelLocation, **kwargs):
         raise ValueError(f"Could not load the {what} of `model_name_or_path` from {where}: {error}") from error
 
 
-@functools.lru_cache(maxsize=32)
 def load_config(model_name_or_path: str) -> PretrainedConfig:
     """The model's config (cached per process: parsing a GGUF header takes seconds)."""
+    return _load_config_cached(model_name(model_name_or_path))
+
+
+@functools.lru_cache(maxsize=32)
+def _load_config_cached(model_name_or_path: str) -> PretrainedConfig:
     return _load("config", AutoConfig, resolve_model(model_name_or_path))
 
 
@@ -143,7 +159,7 @@ def load_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
 
     :raises ValueError: if it cannot be loaded, or has neither a pad nor an EOS token
     """
-    return _load_tokenizer_cached(os.fspath(model_name_or_path))
+    return _load_tokenizer_cached(model_name(model_name_or_path))
 
 
 def load_causal_lm(
@@ -158,7 +174,7 @@ def load_causal_lm(
     :raises ValueError: if the model cannot be found or loaded
     """
     kwargs = {"dtype": th.float32, **(model_kwargs or {})}
-    model = _load("model", AutoModelForCausalLM, resolve_model(os.fspath(model_name_or_path)), **kwargs)
+    model = _load("model", AutoModelForCausalLM, resolve_model(model_name_or_path), **kwargs)
     return model.to(device).eval()
 
 
@@ -181,3 +197,10 @@ def logits_width(model_name_or_path: str) -> int:
     config = load_config(model_name_or_path)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(config.vocab_size)
+
+
+def clear_caches() -> None:
+    """Forget the resolved paths, configs and tokenizers cached in this process (e.g. after installing a package)."""
+    _resolve_model.cache_clear()
+    _load_config_cached.cache_clear()
+    _load_tokenizer_cached.cache_clear()

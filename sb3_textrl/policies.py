@@ -92,9 +92,9 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
 
     Observations from the same episode are prefixes of one another: ``evaluate_actions``, ``get_distribution`` and
     ``predict_values`` run one forward pass per group of such observations (see :func:`covering_rows`), so a minibatch
-    holding whole episodes costs one forward pass per episode. Without gradients (rollouts, ``predict``), a KV cache
-    carried from call to call (:class:`~sb3_textrl.kv_cache.RolloutKVCache`) makes each new token cost one
-    incremental forward; it is dropped whenever the weights may change (training mode, optimizer step, loading).
+    holding whole episodes costs one forward pass per episode. In eval mode without gradients (rollouts, ``predict``),
+    a KV cache carried from call to call (:class:`~sb3_textrl.kv_cache.RolloutKVCache`) makes each new token cost one
+    incremental forward; it is dropped whenever the weights may have changed (mode switch, in-place update, loading).
 
     :param observation_space: a :class:`~sb3_textrl.spaces.TokenObservationSpace` (or a ``Box`` of token ids)
     :param action_space: ``Discrete(n)``, ``n`` the LM's logits width
@@ -167,7 +167,6 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             self._reference = (copy.deepcopy(lm).requires_grad_(False).eval(),)
         self._kv_cache = RolloutKVCache(lm)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
-        self.optimizer.register_step_post_hook(lambda *_: self._kv_cache.reset())  # cached keys/values are stale now
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -197,10 +196,10 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         return self
 
     def train(self, mode: bool = True) -> CausalLMActorCriticPolicy:
+        if mode != self.training:
+            self._kv_cache.reset()  # a new phase (rollout or update) starts
         super().train(mode)
         self.lm.eval()  # dropout stays off: the probability ratio must be 1 at the first update
-        if mode:
-            self._kv_cache.reset()  # the weights are about to change
         return self
 
     def load_state_dict(self, *args, **kwargs):
@@ -216,7 +215,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         :return: ``(batch, hidden_size)`` in the LM's dtype
         """
         input_ids, attention_mask = split_observation(obs)
-        if self.use_kv_cache and lm is self.lm and not th.is_grad_enabled():
+        # the cache serves rollouts and predict() (eval mode, no gradients); never training steps such as TRPO's line search
+        if self.use_kv_cache and lm is self.lm and not self.training and not th.is_grad_enabled():
             return self._kv_cache.last_hidden(input_ids, attention_mask)
         rows, cover = covering_rows(input_ids, attention_mask)
         ids, mask = input_ids[rows], attention_mask[rows]

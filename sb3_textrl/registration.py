@@ -22,10 +22,12 @@ def add_lm_policy_alias(algorithm_class: type[BaseAlgorithm]) -> None:
 
 
 def register_policy_alias() -> None:
-    """Register the alias in PPO, A2C and, if sb3-contrib is installed, TRPO."""
+    """Register the alias in PPO, A2C, REINFORCE and, if sb3-contrib is installed, TRPO."""
     from stable_baselines3 import A2C, PPO
 
-    classes: list[type[BaseAlgorithm]] = [PPO, A2C]
+    from sb3_textrl.reinforce import REINFORCE
+
+    classes: list[type[BaseAlgorithm]] = [PPO, A2C, REINFORCE]
     try:
         from sb3_contrib import TRPO
     except ImportError:

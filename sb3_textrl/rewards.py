@@ -7,7 +7,10 @@ score per completion. Built-in ones are available by name through :func:`get_rew
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
+
+import numpy as np
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -86,12 +89,13 @@ def score_completions(reward_fn: RewardFn, prompts: list[str], completions: list
         )
     checked = []
     for prompt, score in zip(prompts, scores):
-        try:
-            value = float(score)
-        except (TypeError, ValueError) as error:
+        if isinstance(score, np.ndarray) and score.ndim == 0:
+            score = score.item()
+        if not isinstance(score, numbers.Real):  # Python and NumPy ints/floats; not strings, tensors or None
             raise ValueError(
                 f"`reward_fn` ({reward_name(reward_fn)}) returned {score!r} for prompt {prompt!r}: scores must be numbers."
-            ) from error
+            )
+        value = float(score)
         if not math.isfinite(value):
             raise ValueError(
                 f"`reward_fn` ({reward_name(reward_fn)}) returned {value} for prompt {prompt!r}: scores must be finite."

@@ -7,8 +7,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from transformers import AutoTokenizer
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-import sb3_textrl  # noqa: F401  (registers the env)
-from sb3_textrl.envs.text_generation import TextGenerationEnv
+import sb3_textrl  # registers the env
 
 ENV_ID = "sb3_textrl/TextGeneration-v0"
 PROMPTS = ["Write one sentence about rain.", "Hi", "Write a short review of a cafe."]
@@ -39,7 +38,7 @@ def test_check_env(tiny_lm_path):
     env = make_env(tiny_lm_path)
     gym_check_env(env.unwrapped)
     sb3_check_env(env)
-    assert isinstance(env.unwrapped, TextGenerationEnv)
+    assert isinstance(env.unwrapped, sb3_textrl.envs.TextGenerationEnv)
 
 
 def test_spaces(tiny_lm_path):
@@ -198,7 +197,7 @@ def test_same_seed_same_prompts(tiny_llama_path):
 
     def sequence(seed):
         env = make_env(tiny_llama_path, prompts=prompts)
-        obs, _ = env.reset(seed=seed)
+        env.reset(seed=seed)
         seen = [env.unwrapped.prompt]
         for _ in range(11):
             env.reset()

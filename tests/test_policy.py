@@ -20,9 +20,10 @@ PROMPTS = ["Write one sentence about rain.", "Hi", "Write a short review of a ca
 
 
 def make_env(path, max_new_tokens=5, **kwargs):
-    return gym.make(
-        ENV_ID, model_name_or_path=path, prompts=PROMPTS, reward_fn=lambda p, c: [0.0] * len(c), max_new_tokens=max_new_tokens, **kwargs
-    )
+    def zero(prompts, completions):
+        return [0.0] * len(completions)
+
+    return gym.make(ENV_ID, model_name_or_path=path, prompts=PROMPTS, reward_fn=zero, max_new_tokens=max_new_tokens, **kwargs)
 
 
 def make_policy(env, **kwargs) -> CausalLMActorCriticPolicy:
@@ -92,15 +93,18 @@ def test_alias_not_leaked(algo):
             algo._get_policy_from_name(algo, "LMPolicy")
 
 
-def test_log_probs_match_hand_computation(tiny_lm_path):
+# with gradients: the training path (one forward per episode); without: the rollout path (KV cache)
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_log_probs_match_hand_computation(tiny_lm_path, grad):
     env = make_env(tiny_lm_path)
     policy = make_policy(env)
     lm = AutoModelForCausalLM.from_pretrained(tiny_lm_path).eval()  # an independent copy
     steps = [step for episode in collect_episodes(env, 4) for step in episode]
     obs, actions = stack(steps)
-    with th.no_grad():
+    with th.set_grad_enabled(grad):
         values, log_prob, entropy = policy.evaluate_actions(obs, actions)
         sampled, _, sampled_log_prob = policy(obs)
+    assert log_prob.requires_grad == grad
     assert values.shape == (len(steps), 1) and log_prob.shape == (len(steps),) and entropy.shape == (len(steps),)
     assert sampled.shape == (len(steps),) and sampled.dtype == th.int64
     for i, (o, action) in enumerate(steps):
@@ -110,7 +114,8 @@ def test_log_probs_match_hand_computation(tiny_lm_path):
         assert entropy[i].item() == pytest.approx(-(logp.exp() * logp).sum().item(), abs=1e-5)
 
 
-def test_batched_equals_one_at_a_time(tiny_lm_path):
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_batched_equals_one_at_a_time(tiny_lm_path, grad):
     env = make_env(tiny_lm_path, max_new_tokens=4)
     policy = make_policy(env)
     with th.no_grad():  # a non-zero value head, so that the values are compared too
@@ -123,7 +128,7 @@ def test_batched_equals_one_at_a_time(tiny_lm_path):
     order = np.random.default_rng(0).permutation(len(steps))
     steps = [steps[i] for i in order]
     obs, actions = stack(steps)
-    with th.no_grad():
+    with th.set_grad_enabled(grad):
         values, log_prob, entropy = policy.evaluate_actions(obs, actions)
         predicted_values = policy.predict_values(obs)
         probs = policy.get_distribution(obs).distribution.probs
@@ -309,3 +314,151 @@ def test_sampling_follows_the_distribution(tiny_llama_path):
     # near uniform at init: the empirical frequencies match the softmax
     assert (counts - probs).abs().max() < 0.01
     assert len(actions.unique()) > 200
+
+
+def fresh_distribution(policy, obs):
+    """Logits and values from a full forward pass (gradients on: the rollout KV cache is not used)."""
+    with th.enable_grad():
+        distribution, values = policy._distribution_and_values(obs)
+    return distribution.distribution.logits.detach(), values.detach()
+
+
+@pytest.mark.parametrize("n_envs", [1, 3])
+def test_kv_cache_matches_full_forward(tiny_lm_path, n_envs):
+    from stable_baselines3.common.env_util import make_vec_env
+
+    env = make_vec_env(lambda: make_env(tiny_lm_path, max_new_tokens=4), n_envs=n_envs, seed=0)
+    policy = make_policy(env)
+    assert policy.use_kv_cache
+    with th.no_grad():
+        th.nn.init.normal_(policy.value_head.weight, std=1.0)
+    eos = policy.tokenizer.eos_token_id
+    rng = np.random.default_rng(0)
+    obs = env.reset()
+    n_resets = 0
+    for _ in range(30):
+        obs_t, _ = policy.obs_to_tensor(obs)
+        with th.no_grad():  # the rollout path: incremental forwards on the KV cache
+            distribution, values = policy._distribution_and_values(obs_t)
+        cached_logits = distribution.distribution.logits  # SB3 reuses the distribution object: keep the tensor
+        logits, expected_values = fresh_distribution(policy, obs_t)
+        th.testing.assert_close(cached_logits, logits, atol=1e-4, rtol=0)
+        th.testing.assert_close(values, expected_values, atol=1e-4, rtol=0)
+        # random tokens, with early EOS: episodes of different lengths and resets at different steps
+        actions = np.where(rng.random(n_envs) < 0.2, eos, rng.integers(3, 300, n_envs))
+        obs, _, dones, _ = env.step(actions)
+        n_resets += dones.sum()
+    assert n_resets >= 5
+
+
+def test_kv_cache_any_sequence_of_observations(tiny_llama_path):
+    env = make_env(tiny_llama_path, max_new_tokens=4)
+    policy = make_policy(env)
+    steps = [step for episode in collect_episodes(env, 4) for step in episode]
+    rng = np.random.default_rng(1)
+    for _ in range(12):  # batches of unrelated observations, some repeated, some one token longer
+        batch = [steps[i] for i in rng.choice(len(steps), size=3)]
+        obs, _ = stack(batch)
+        with th.no_grad():
+            logits = policy.get_distribution(obs).distribution.logits
+        th.testing.assert_close(logits, fresh_distribution(policy, obs)[0], atol=1e-4, rtol=0)
+
+
+def test_kv_cache_reset_on_weight_updates(tiny_llama_path):
+    env = make_env(tiny_llama_path)
+    policy = make_policy(env)
+    obs, actions = stack([step for episode in collect_episodes(env, 1) for step in episode][:2])
+
+    def check():
+        with th.no_grad():
+            cached = policy.get_distribution(obs).distribution.logits
+        th.testing.assert_close(cached, fresh_distribution(policy, obs)[0], atol=1e-5, rtol=0)
+
+    check()
+    # an optimizer step
+    policy.set_training_mode(False)
+    loss = -policy.evaluate_actions(obs, actions)[1].mean()
+    policy.optimizer.zero_grad()
+    loss.backward()
+    policy.optimizer.step()
+    check()
+    # loading weights
+    state = {k: v + 0.01 for k, v in policy.state_dict().items()}
+    policy.load_state_dict(state)
+    check()
+    # switching to training mode (weights may change in place after it)
+    with th.no_grad():
+        policy.lm.get_input_embeddings().weight.mul_(1.5)
+    policy.set_training_mode(True)
+    policy.set_training_mode(False)
+    check()
+
+
+def test_kv_cache_after_in_place_weight_change(tiny_llama_path):
+    env = make_env(tiny_llama_path)
+    policy = make_policy(env)
+    obs, _ = stack([step for episode in collect_episodes(env, 1) for step in episode][:2])
+    with th.no_grad():
+        policy.get_distribution(obs)
+        for param in policy.lm.parameters():
+            param.data = param.data + 0.05 * th.randn_like(param)
+        cached = policy.get_distribution(obs).distribution.logits
+    th.testing.assert_close(cached, fresh_distribution(policy, obs)[0], atol=1e-4, rtol=0)
+
+
+def test_no_kv_cache(tiny_llama_path):
+    env = make_env(tiny_llama_path)
+    cached, uncached = make_policy(env), make_policy(env, use_kv_cache=False)
+    assert uncached._get_constructor_parameters()["use_kv_cache"] is False
+    steps = [step for episode in collect_episodes(env, 2) for step in episode]
+    for obs_np, action in steps:
+        obs = {key: th.as_tensor(value[None]) for key, value in obs_np.items()}
+        with th.no_grad():
+            a = cached.evaluate_actions(obs, th.tensor([action]))
+            b = uncached.evaluate_actions(obs, th.tensor([action]))
+        for x, y in zip(a, b):
+            th.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def repeat_then_extend(policy, env, n_repeats):
+    obs, _ = env.reset(seed=0)
+    for _ in range(n_repeats):
+        policy.predict(obs, deterministic=True)
+    obs, *_ = env.step(100)
+    obs_t, _ = policy.obs_to_tensor(obs)
+    with th.no_grad():
+        cached = policy.get_distribution(obs_t).distribution.logits
+    return cached, fresh_distribution(policy, obs_t)[0]
+
+
+def test_kv_cache_repeated_observation_stays_correct(tiny_llama_path):
+    env = make_env(tiny_llama_path)
+    cached, fresh = repeat_then_extend(make_policy(env), env, n_repeats=40)
+    th.testing.assert_close(cached, fresh, atol=1e-4, rtol=0)
+
+
+def test_kv_cache_repeated_observation_bounded(tiny_llama_path):
+    env = make_env(tiny_llama_path)
+    policy = make_policy(env)
+    repeat_then_extend(policy, env, n_repeats=40)
+    # the cache never needs more columns than an observation has
+    assert policy._kv_cache.cache_mask.shape[1] <= env.unwrapped.max_length
+
+
+def test_kv_cache_of_deepcopied_policy(tiny_llama_path):
+    import copy
+
+    env = make_env(tiny_llama_path)
+    policy = make_policy(env)
+    obs, actions = stack([step for episode in collect_episodes(env, 1) for step in episode][:2])
+    clone = copy.deepcopy(policy)
+    assert clone.optimizer is not policy.optimizer
+    with th.no_grad():
+        clone.get_distribution(obs)  # fills the copy's cache
+    loss = -clone.evaluate_actions(obs, actions)[1].mean()
+    clone.optimizer.zero_grad()
+    loss.backward()
+    clone.optimizer.step()
+    with th.no_grad():
+        cached = clone.get_distribution(obs).distribution.logits
+    th.testing.assert_close(cached, fresh_distribution(clone, obs)[0], atol=1e-4, rtol=0)

