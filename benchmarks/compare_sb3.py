@@ -8,7 +8,7 @@
 Each run trains for the same number of environment steps per environment (the budget) and is evaluated with the
 greedy policy on the same seeded episodes (``reset(seed=10_000 + i)``) at regular intervals. The table gives the
 final evaluation return, mean ± std over the seeds; the PNG draws the learning curves (mean ± std band). Defaults
-finish in about 10 minutes on 2 CPU cores.
+finish in about 7 minutes on 2 shared CPU cores (428 s measured).
 
     python benchmarks/compare_sb3.py                    # 3 seeds, writes outputs/compare_sb3/{curves.png,results.json}
     python benchmarks/compare_sb3.py --seeds 1 --scale 0.2   # a smoke run

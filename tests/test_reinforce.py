@@ -252,3 +252,17 @@ def test_lm_policy_episode_buffer(tiny_gpt2_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         REINFORCE("MlpPolicy", "sb3_textrl/TwoStateMDP-v0", **kwargs)
+
+
+class CriticPolicy(ActorCriticPolicy):
+    """A policy whose value layer has another name."""
+
+    def _build(self, lr_schedule):
+        super()._build(lr_schedule)
+        self.critic = self.value_net
+        del self.value_net
+
+
+def test_no_baseline_needs_a_known_value_layer():
+    with pytest.raises(ValueError, match=r"`use_baseline=False`.*CriticPolicy"):
+        REINFORCE(CriticPolicy, "sb3_textrl/TwoStateMDP-v0", use_baseline=False)
