@@ -36,6 +36,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_textrl  # noqa: F401  (registers the envs and "LMPolicy")
 from sb3_textrl import REINFORCE
+from sb3_textrl.testing import build_tiny_lm
 
 try:
     from sb3_contrib import TRPO
@@ -60,25 +61,6 @@ class Case:
     policy: str
     n_envs: int
     algo_kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def build_tiny_llama(path: str, vocab_size: int) -> str:
-    """A tiny random Llama (2 layers, hidden size 32) with ``vocab_size`` logits, saved with ``save_pretrained``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    th.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def cases(lm_path: str) -> list[Case]:
@@ -219,7 +201,7 @@ def main() -> None:
     results = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as lm_dir:
-        lm_path = build_tiny_llama(lm_dir, TOKEN_MATCH_KWARGS["vocab_size"])
+        lm_path = build_tiny_lm(lm_dir, "llama", vocab_size=TOKEN_MATCH_KWARGS["vocab_size"])
         for case in cases(lm_path):
             name = f"{case.label} {case.algo.__name__} {case.policy}"
             if args.only not in name:

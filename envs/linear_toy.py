@@ -1,7 +1,7 @@
 """
 The 1-D control task of the design documents ("drive a point to 1"), with the documents' bugs fixed.
 
-Source: the toy continuous-control example of the sb3_textrl design documents (issue 3): state s, action a,
+Source: the toy continuous-control example of the project's source documents: state s, action a,
 ``s <- s + 0.1 * a``, reward ``-|s - 1|``, done when ``|s - 1| < 0.1``. That version let the action be unbounded,
 returned a ``torch`` tensor as ``done`` and was paired with a policy that ignored its state; see the class docstring.
 """

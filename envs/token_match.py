@@ -1,7 +1,7 @@
 """
 The target-sequence task of the design documents: emit a target sequence of tokens, one token per step.
 
-Source: the token-matching example of the sb3_textrl design documents (issue 3): a target of ``length`` tokens over
+Source: the token-matching example of the project's source documents: a target of ``length`` tokens over
 ``vocab_size`` tokens, reward 1 when the action equals the target token at the current position. The documents drew
 a fresh target every episode and never showed it, so no policy can beat chance (``mode="random"`` here); the
 learnable variants ``mode="fixed"`` (a target to memorise) and ``mode="copy"`` (the target is observed) are added.

@@ -1,7 +1,7 @@
 """
 The two-state, two-action MDP of the design documents' worked example of Generalized Advantage Estimation.
 
-Source: the GAE worked example of the sb3_textrl design documents (issue 3): ``s1 --a1--> s2`` with reward 1,
+Source: the GAE worked example of the project's source documents: ``s1 --a1--> s2`` with reward 1,
 ``s2 --a2--> s1`` with reward 0; with gamma = 0.9, lambda = 0.5 and V = 0, the trajectory s1, a1, r=1, s2, a2, r=0
 has A(s1, a1) = 1 (Schulman et al. 2016, https://arxiv.org/abs/1506.02438, eq. 16). The example names only those
 two transitions; the other two and the episode end are defined here.

@@ -51,11 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prompts", default=packaged_prompts("prompts_train.txt"), help="training prompts, one per line")
     train.add_argument("--eval-prompts", default=packaged_prompts("prompts_eval.txt"), help="held-out prompts, one per line")
     train.add_argument("--reward", default="vader", help="reward function name")
-    train.add_argument("--total-timesteps", type=int, default=12_288, help="PPO budget in generated tokens (env steps)")
+    train.add_argument("--total-timesteps", type=int, default=9_216, help="PPO budget in generated tokens (env steps)")
     train.add_argument("--max-new-tokens", type=int, default=24, help="completion length limit (tokens)")
-    train.add_argument("--n-envs", type=int, default=8, help="parallel environments (completions per rollout step)")
-    train.add_argument("--n-steps", type=int, default=48, help="steps per environment per rollout")
-    train.add_argument("--batch-size", type=int, default=96, help="PPO minibatch size in steps (whole episodes)")
+    train.add_argument("--n-envs", type=int, default=16, help="parallel environments (completions per rollout step)")
+    train.add_argument(
+        "--n-steps", type=int, default=None, help="steps per environment per rollout (default: --max-new-tokens)"
+    )
+    train.add_argument("--batch-size", type=int, default=192, help="PPO minibatch size in steps (whole episodes)")
     train.add_argument("--n-epochs", type=int, default=2, help="PPO epochs per rollout")
     train.add_argument("--learning-rate", type=float, default=2e-5, help="Adam learning rate")
     train.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty coefficient (0 disables it)")
@@ -112,7 +114,7 @@ def train(args: argparse.Namespace) -> dict:
         "LMPolicy",
         env,
         learning_rate=args.learning_rate,
-        n_steps=args.n_steps,
+        n_steps=args.n_steps or args.max_new_tokens,
         batch_size=args.batch_size,
         n_epochs=args.n_epochs,
         gamma=args.gamma,

@@ -105,7 +105,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         ``dict(attn_implementation="eager")`` (needed by TRPO's double backward on CPU)
     :param use_reference_model: keep a frozen copy of the initial LM for the KL penalty
     :param use_kv_cache: carry a KV cache across calls made without gradients (rollouts); results are the same
-    :param kwargs: the other keyword arguments of ``ActorCriticPolicy`` (``optimizer_class``, ``optimizer_kwargs``, ...);
+    :param kwargs: the other keyword arguments of ``ActorCriticPolicy`` (``optimizer_class``, ``optimizer_kwargs``, ...;
+        Adam and AdamW default to ``dict(eps=1e-5, fused=True)``);
         ``net_arch`` and ``activation_fn`` are ignored (there is no MLP)
     :raises ValueError: if no LM is named, or the LM's logits width differs from ``action_space.n``
     """
@@ -142,6 +143,10 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         self.use_reference_model = use_reference_model
         self.use_kv_cache = use_kv_cache
         kwargs.setdefault("ortho_init", False)
+        optimizer_class = kwargs.get("optimizer_class", th.optim.Adam)
+        if optimizer_class in (th.optim.Adam, th.optim.AdamW):
+            # SB3's default Adam eps, and the fused kernel: ~5x faster steps over an LM's ~100M parameters
+            kwargs["optimizer_kwargs"] = {"eps": 1e-5, "fused": True, **(kwargs.get("optimizer_kwargs") or {})}
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     # --- construction -------------------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_vocabulary_mismatch_env_policy(tiny_llama_path, tiny_llama_320_path):
 
 
 def test_tokenizer_larger_than_logits(tmp_path):
-    from conftest import build_tiny_lm
+    from sb3_textrl.testing import build_tiny_lm
 
     path = build_tiny_lm(tmp_path / "small_head", kind="llama", vocab_size=290)
     with pytest.raises(ValueError, match="model_name_or_path"):

