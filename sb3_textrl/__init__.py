@@ -6,6 +6,7 @@ by name in PPO, A2C, REINFORCE and (when sb3-contrib is installed) TRPO.
 
 from sb3_textrl import envs  # noqa: F401  (registers the environments)
 from sb3_textrl.callbacks import KLPenaltyCallback
+from sb3_textrl.kl import AdaptiveKLController, FixedKLController
 from sb3_textrl.policies import CausalLMActorCriticPolicy, LMPolicy
 from sb3_textrl.registration import register_policy_alias
 from sb3_textrl.reinforce import REINFORCE
@@ -17,7 +18,9 @@ register_policy_alias()
 
 __all__ = [
     "REINFORCE",
+    "AdaptiveKLController",
     "CausalLMActorCriticPolicy",
+    "FixedKLController",
     "KLPenaltyCallback",
     "LMPolicy",
     "TokenObservationSpace",

@@ -7,6 +7,7 @@ import torch as th
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 
+from sb3_textrl.kl import KL_ESTIMATORS, FixedKLController, estimate_kl
 from sb3_textrl.policies import CausalLMActorCriticPolicy
 
 
@@ -23,28 +24,39 @@ class KLPenaltyCallback(BaseCallback):
     """
     Penalise each step's reward by the KL divergence from the reference model, with stock SB3 algorithms.
 
-    Every step's reward becomes ``r_t - kl_coef * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))``, so that an episode's
-    return is the score minus ``kl_coef`` times the sampled KL of the completion from the reference model:
-    eq. 2 of Ziegler et al. (2019), "Fine-Tuning Language Models from Human Preferences",
-    https://arxiv.org/abs/1909.08593 (the per-token "k1" estimator).
+    Every step's reward becomes ``r_t - kl_coef * kl_t``, with ``kl_t`` an estimate of
+    ``log pi(a_t|s_t) - log pi_ref(a_t|s_t)``, so that an episode's return is the score minus ``kl_coef`` times the
+    sampled KL of the completion from the reference model: eq. 2 of Ziegler et al. (2019), "Fine-Tuning Language
+    Models from Human Preferences", https://arxiv.org/abs/1909.08593.
 
     At the end of each rollout, the reference log-probs of all its steps are computed in one batched pass (one forward
-    per episode), the buffer's rewards are penalised, and returns and advantages (GAE) are recomputed.
+    per episode), the buffer's rewards are penalised, and returns and advantages (GAE) are recomputed; then an adaptive
+    controller updates the coefficient.
 
     Logged: ``rollout/ref_kl`` (mean KL per episode, nats: total KL over the number of finished episodes),
-    ``rollout/ref_kl_per_token`` and ``train/kl_coef``.
+    ``rollout/ref_kl_per_token``, ``rollout/score`` (mean raw score of the episodes that finished),
+    ``rollout/penalized_return`` (mean score minus ``kl_coef`` times KL per episode) and ``train/kl_coef``
+    (the coefficient used for this rollout).
 
-    :param kl_coef: KL penalty coefficient (beta in Ziegler et al.); 0 disables the penalty (KL is still logged)
+    :param kl_coef: the KL penalty coefficient (beta): a number (fixed; 0 disables the penalty, KL is still logged),
+        or a controller, e.g. ``AdaptiveKLController(kl_coef=0.1, target=6.0, horizon=10_000)``
+    :param estimator: per-token KL estimator, ``"k1"`` or ``"k3"`` (see :mod:`sb3_textrl.kl`)
     :param verbose: verbosity level
-    :raises ValueError: if ``kl_coef`` is negative, or the policy has no reference model
+    :raises ValueError: if ``kl_coef`` is negative, the estimator unknown, or the policy has no reference model
     """
 
-    def __init__(self, kl_coef: float = 0.05, verbose: int = 0):
+    def __init__(self, kl_coef: float | FixedKLController = 0.05, estimator: str = "k1", verbose: int = 0):
         super().__init__(verbose)
-        if not np.isfinite(kl_coef) or kl_coef < 0:
-            raise ValueError(f"`kl_coef` must be a finite number >= 0, got {kl_coef}.")
-        self.kl_coef = float(kl_coef)
+        self.controller = kl_coef if isinstance(kl_coef, FixedKLController) else FixedKLController(kl_coef)
+        if estimator not in KL_ESTIMATORS:
+            raise ValueError(f"Unknown KL `estimator={estimator!r}`: use one of {KL_ESTIMATORS}.")
+        self.estimator = estimator
         self.last_kl: float = 0.0
+
+    @property
+    def kl_coef(self) -> float:
+        """The current KL penalty coefficient."""
+        return self.controller.kl_coef
 
     def _init_callback(self) -> None:
         policy = self.model.policy
@@ -62,17 +74,26 @@ class KLPenaltyCallback(BaseCallback):
         policy: CausalLMActorCriticPolicy = self.model.policy  # type: ignore[assignment]
         obs = flat_observations(buffer, policy.device)
         actions = th.as_tensor(buffer.actions.reshape(-1), device=policy.device)
-        ref_log_prob = policy.reference_log_prob(obs, actions).cpu().numpy()
-        kl = buffer.log_probs - ref_log_prob.reshape(buffer.log_probs.shape)
-        if self.kl_coef > 0:
-            buffer.rewards -= self.kl_coef * kl
+        ref_log_prob = policy.reference_log_prob(obs, actions).cpu().numpy().reshape(buffer.log_probs.shape)
+        kl = estimate_kl(buffer.log_probs, ref_log_prob, self.estimator).astype(np.float32)
+        # episodes that ended in this rollout: their last reward is the score (rewards are 0 before the end)
+        ended = np.zeros_like(buffer.episode_starts, dtype=bool)
+        ended[:-1] = buffer.episode_starts[1:].astype(bool)
+        ended[-1] = np.asarray(self.locals["dones"], dtype=bool)
+        n_episodes = int(ended.sum())
+        kl_coef = self.kl_coef
+        if kl_coef > 0:
+            buffer.rewards -= kl_coef * kl
             # SB3 computed returns/advantages before this hook: recompute them from the penalised rewards
             buffer.compute_returns_and_advantage(last_values=self.locals["values"], dones=self.locals["dones"])
-        n_episodes = max(1, int(buffer.episode_starts[1:].sum() + np.sum(self.locals["dones"])))
-        self.last_kl = float(kl.sum() / n_episodes)
+        self.last_kl = float(kl.sum() / max(1, n_episodes))
+        score = float(buffer.rewards[ended].mean() + kl_coef * kl[ended].mean()) if n_episodes else float("nan")
         self.logger.record("rollout/ref_kl", self.last_kl)
         self.logger.record("rollout/ref_kl_per_token", float(kl.mean()))
-        self.logger.record("train/kl_coef", self.kl_coef)
+        self.logger.record("rollout/score", score)
+        self.logger.record("rollout/penalized_return", score - kl_coef * self.last_kl)
+        self.logger.record("train/kl_coef", kl_coef)
+        self.controller.update(self.last_kl, n_episodes)
 
 
 class RolloutHistoryCallback(BaseCallback):
@@ -80,7 +101,8 @@ class RolloutHistoryCallback(BaseCallback):
     Record, for each rollout, the mean score of the episodes that finished in it and the KL to the reference model.
 
     ``history`` is a list of dicts with keys ``timesteps``, ``score`` (mean raw score, ``nan`` if no episode
-    finished), ``episodes`` and ``kl`` (from a :class:`KLPenaltyCallback` given as ``kl_callback``, else ``nan``).
+    finished), ``episodes``, and ``kl`` and ``kl_coef`` (from a :class:`KLPenaltyCallback` given as ``kl_callback``,
+    placed before this callback; else ``nan``). ``kl_coef`` is the coefficient for the next rollout.
     """
 
     def __init__(self, kl_callback: KLPenaltyCallback | None = None, verbose: int = 0):
@@ -102,6 +124,7 @@ class RolloutHistoryCallback(BaseCallback):
                 "score": float(np.mean(self._scores)) if self._scores else float("nan"),
                 "episodes": float(len(self._scores)),
                 "kl": self.kl_callback.last_kl if self.kl_callback is not None else float("nan"),
+                "kl_coef": self.kl_callback.kl_coef if self.kl_callback is not None else float("nan"),
             }
         )
         self._scores = []

@@ -18,6 +18,7 @@ import sb3_textrl  # noqa: F401  (registers the env and the "LMPolicy" alias)
 from sb3_textrl.buffers import EpisodeRolloutBuffer
 from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
 from sb3_textrl.evaluation import EvaluationResult, evaluate_prompts
+from sb3_textrl.kl import AdaptiveKLController
 from sb3_textrl.plotting import plot_rollout_history
 
 
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-epochs", type=int, default=2, help="PPO epochs per rollout")
     train.add_argument("--learning-rate", type=float, default=2e-5, help="Adam learning rate")
     train.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty coefficient (0 disables it)")
+    train.add_argument(
+        "--kl-target",
+        type=float,
+        default=None,
+        help="target KL per completion (nats): adapt the coefficient (Ziegler et al. 2019), starting at --kl-coef",
+    )
+    train.add_argument("--kl-horizon", type=int, default=10_000, help="horizon (episodes) of the adaptive KL controller")
+    train.add_argument("--kl-estimator", choices=["k1", "k3"], default="k1", help="per-token KL estimator")
     train.add_argument("--gamma", type=float, default=1.0, help="discount factor")
     train.add_argument("--gae-lambda", type=float, default=0.95, help="GAE lambda")
     train.add_argument("--clip-range", type=float, default=0.2, help="PPO clip range")
@@ -132,7 +141,10 @@ def train(args: argparse.Namespace) -> dict:
     print(f"Model loaded in {time.time() - started:.0f} s; evaluating {len(eval_prompts)} held-out prompts ...", flush=True)
     before = evaluate_prompts(model.policy, eval_prompts, **evaluate)
 
-    kl_callback = KLPenaltyCallback(kl_coef=args.kl_coef)
+    kl_coef = args.kl_coef
+    if args.kl_target is not None:
+        kl_coef = AdaptiveKLController(kl_coef=args.kl_coef, target=args.kl_target, horizon=args.kl_horizon)
+    kl_callback = KLPenaltyCallback(kl_coef=kl_coef, estimator=args.kl_estimator)
     history = RolloutHistoryCallback(kl_callback)
     train_started = time.time()
     model.learn(args.total_timesteps, callback=CallbackList([kl_callback, history]), progress_bar=not args.no_progress_bar)

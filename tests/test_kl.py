@@ -1,0 +1,116 @@
+"""KL estimators, the fixed and adaptive KL controllers (Ziegler et al. 2019), and their use in KLPenaltyCallback."""
+
+import numpy as np
+import pytest
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.env_util import make_vec_env
+
+from sb3_textrl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
+from sb3_textrl.buffers import EpisodeRolloutBuffer
+from sb3_textrl.callbacks import RolloutHistoryCallback
+from sb3_textrl.kl import estimate_kl
+
+
+def test_estimators_by_hand():
+    log_prob = np.array([-1.0, -2.0, -0.5])
+    ref = np.array([-1.5, -1.0, -0.5])
+    np.testing.assert_allclose(estimate_kl(log_prob, ref, "k1"), [0.5, -1.0, 0.0])
+    # k3 = (r - 1) - log r with r = pi_ref / pi
+    r = np.exp(ref - log_prob)
+    np.testing.assert_allclose(estimate_kl(log_prob, ref, "k3"), (r - 1) - np.log(r))
+    assert (estimate_kl(log_prob, ref, "k3") >= 0).all()
+    with pytest.raises(ValueError, match="estimator"):
+        estimate_kl(log_prob, ref, "k2")
+
+
+def test_estimators_are_unbiased():
+    rng = np.random.default_rng(0)
+    p = np.array([0.5, 0.3, 0.2])
+    q = np.array([0.2, 0.3, 0.5])
+    exact = float((p * np.log(p / q)).sum())
+    samples = rng.choice(3, size=200_000, p=p)
+    for estimator in ("k1", "k3"):
+        estimate = estimate_kl(np.log(p[samples]), np.log(q[samples]), estimator).mean()
+        assert estimate == pytest.approx(exact, abs=0.01)
+
+
+def test_adaptive_controller_by_hand():
+    controller = AdaptiveKLController(kl_coef=0.1, target=6.0, horizon=100)
+    controller.update(kl=9.0, n_episodes=10)  # error clip(9/6 - 1) = 0.2
+    assert controller.kl_coef == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    controller.update(kl=5.4, n_episodes=10)  # error -0.1
+    assert controller.kl_coef == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
+    fixed = FixedKLController(0.3)
+    fixed.update(kl=100.0, n_episodes=1000)
+    assert fixed.kl_coef == 0.3
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kl_coef=0.0), "kl_coef"),
+        (dict(target=0.0), "target"),
+        (dict(horizon=0), "horizon"),
+    ],
+)
+def test_adaptive_controller_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdaptiveKLController(**kwargs)
+
+
+def test_callback_rejects_unknown_estimator():
+    with pytest.raises(ValueError, match="estimator"):
+        KLPenaltyCallback(0.1, estimator="k9")
+
+
+def _model(path: str) -> PPO:
+    env = make_vec_env(
+        "sb3_textrl/TextGeneration-v0",
+        n_envs=4,
+        seed=0,
+        env_kwargs=dict(
+            model_name_or_path=path,
+            prompts=["the sun is good", "rain"],
+            reward_fn=lambda p, c: [float("good" in x) for x in c],
+            max_new_tokens=4,
+            render_mode=None,
+        ),
+    )
+    return PPO("LMPolicy", env, n_steps=8, batch_size=32, n_epochs=4, learning_rate=3e-3, seed=0,
+               rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
+
+
+def test_adaptive_kl_follows_its_target(tiny_llama_path):
+    """The coefficient rises while the KL is above target and falls while below, once per rollout."""
+    model = _model(tiny_llama_path)
+    controller = AdaptiveKLController(kl_coef=0.05, target=0.5, horizon=40)
+    kl_callback = KLPenaltyCallback(controller, estimator="k3")
+    history = RolloutHistoryCallback(kl_callback)
+    model.learn(32 * 12, callback=CallbackList([kl_callback, history]))
+    coefs = [0.05] + [h["kl_coef"] for h in history.history]
+    for before, after, h in zip(coefs[:-1], coefs[1:], history.history):
+        error = np.clip(h["kl"] / 0.5 - 1, -0.2, 0.2)
+        assert after == pytest.approx(before * (1 + error * h["episodes"] / 40), rel=1e-6)
+        assert (after > before) == (h["kl"] > 0.5) or error == 0
+    assert all(h["kl"] >= 0 for h in history.history)  # k3 is never negative
+    assert model.logger.name_to_value  # the logger got its keys on each rollout
+
+
+def test_logged_keys(tiny_llama_path):
+    model = _model(tiny_llama_path)
+    seen = {}
+
+    class Grab(BaseCallback):
+        def _on_step(self):
+            return True
+
+        def _on_rollout_end(self):
+            seen.update(self.logger.name_to_value)
+
+    kl_callback = KLPenaltyCallback(0.2)
+    model.learn(32, callback=CallbackList([kl_callback, Grab()]))
+    for key in ("rollout/ref_kl", "rollout/ref_kl_per_token", "rollout/score", "rollout/penalized_return", "train/kl_coef"):
+        assert key in seen
+    assert seen["train/kl_coef"] == 0.2
+    assert seen["rollout/penalized_return"] == pytest.approx(seen["rollout/score"] - 0.2 * seen["rollout/ref_kl"])
