@@ -138,9 +138,9 @@ def evaluate_prompts(
             scores = score_completions(reward_fn, batch_prompts, sampled_text)
             sampled_scores += scores
             if policy.reference_model is not None:
-                kl = sequence_log_prob(policy.lm, batch_ids, sampled, pad) - sequence_log_prob(
-                    policy.reference_model, batch_ids, sampled, pad
-                )
+                with policy.reference_context():
+                    ref_log_prob = sequence_log_prob(policy.reference_model, batch_ids, sampled, pad)
+                kl = sequence_log_prob(policy.lm, batch_ids, sampled, pad) - ref_log_prob
                 kls += kl.tolist()
             if k == 0:
                 first_sampled = list(zip(sampled_text, scores))

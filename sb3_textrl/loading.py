@@ -77,7 +77,12 @@ def resolve_model(model_name_or_path: str | os.PathLike) -> ModelLocation:
     :raises ValueError: if ``model_name_or_path`` is not a string, names no alias, file or directory,
         or if the package shipping an alias is not installed (the message gives the ``pip`` command)
     """
-    return _resolve_model(model_name(model_name_or_path))
+    name = model_name(model_name_or_path)
+    location = _resolve_model(name)
+    if not os.path.exists(os.path.join(location.directory, location.gguf_file or "")):  # moved or deleted since cached
+        _resolve_model.cache_clear()
+        location = _resolve_model(name)
+    return location
 
 
 @functools.lru_cache(maxsize=32)
@@ -115,7 +120,9 @@ def _resolve_model(name: str) -> ModelLocation:
         )
     raise ValueError(
         f"`model_name_or_path={name!r}` is neither a known alias ({sorted(MODEL_ALIASES)}) nor an existing file or directory. "
-        "Models are never downloaded: pass a local directory written by `save_pretrained`, a .gguf file, or an alias."
+        "Models are never downloaded: pass a local directory written by `save_pretrained`, a .gguf file, or an alias. "
+        "(Loading a saved SB3 model whose LM has moved? Pass the new location: "
+        "`sb3_textrl.checkpoints.load_model(path, model_name_or_path=NEW_LOCATION)`.)"
     )
 
 
@@ -174,7 +181,13 @@ def load_causal_lm(
     :raises ValueError: if the model cannot be found or loaded
     """
     kwargs = {"dtype": th.float32, **(model_kwargs or {})}
-    model = _load("model", AutoModelForCausalLM, resolve_model(model_name_or_path), **kwargs)
+    location = resolve_model(model_name_or_path)
+    model = _load("model", AutoModelForCausalLM, location, **kwargs)
+    if location.gguf_file is not None:
+        # transformers dequantizes GGUF weights on load: the model is a plain one, savable with save_pretrained
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model.to(device).eval()
 
 

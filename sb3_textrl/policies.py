@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from typing import Any
@@ -105,10 +106,16 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         ``dict(attn_implementation="eager")`` (needed by TRPO's double backward on CPU)
     :param use_reference_model: keep a frozen copy of the initial LM for the KL penalty
     :param use_kv_cache: carry a KV cache across calls made without gradients (rollouts); results are the same
+    :param autocast_dtype: run the LM's trunk under ``torch.autocast`` in this dtype (``"bfloat16"`` or
+        ``"float16"``), e.g. on a GPU; the LM head, logits, log-probs and values stay float32. Default: off (float32)
+    :param lora_config: a peft ``LoraConfig`` (or its dict): train low-rank adapters (and the value head) only; the
+        reference log-probs then come from the same model with the adapters disabled (no second copy in memory), and
+        the saved state holds only the trained tensors (the base weights are reloaded from ``model_name_or_path``)
     :param kwargs: the other keyword arguments of ``ActorCriticPolicy`` (``optimizer_class``, ``optimizer_kwargs``, ...;
         Adam and AdamW default to ``dict(eps=1e-5, fused=True)``);
         ``net_arch`` and ``activation_fn`` are ignored (there is no MLP)
     :raises ValueError: if no LM is named, or the LM's logits width differs from ``action_space.n``
+    :raises FloatingPointError: if the LM produces NaN or infinite logits (they never reach the sampler)
     """
 
     def __init__(
@@ -120,6 +127,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         model_kwargs: dict[str, Any] | None = None,
         use_reference_model: bool = True,
         use_kv_cache: bool = True,
+        autocast_dtype: str | None = None,
+        lora_config: Any = None,
         **kwargs,
     ):
         if not isinstance(action_space, spaces.Discrete):
@@ -142,6 +151,10 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         self.model_kwargs = dict(model_kwargs or {})
         self.use_reference_model = use_reference_model
         self.use_kv_cache = use_kv_cache
+        if autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"`autocast_dtype` must be None, 'bfloat16' or 'float16', got {autocast_dtype!r}.")
+        self.autocast_dtype = autocast_dtype
+        self.lora_config = lora_config
         kwargs.setdefault("ortho_init", False)
         optimizer_class = kwargs.get("optimizer_class", th.optim.Adam)
         if optimizer_class in (th.optim.Adam, th.optim.AdamW):
@@ -161,17 +174,22 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
                 "the policy from the same `model_name_or_path`."
             )
         lm.config.use_cache = False
+        # tuples keep these out of parameters(), state_dict() and the optimizer
+        self._peft: tuple[Any, ...] = ()
+        self._reference: tuple[PreTrainedModel, ...] = ()
+        if self.lora_config is not None:
+            # peft injects the adapters into `lm` in place; the PeftModel wrapper only switches them on and off
+            self._peft = (make_peft_model(lm, self.lora_config),)
+        elif self.use_reference_model:
+            self._reference = (copy.deepcopy(lm).requires_grad_(False).eval(),)
         self.lm: PreTrainedModel = lm
         hidden_size = lm.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
-        # a tuple keeps the frozen copy out of parameters(), state_dict() and the optimizer
-        self._reference: tuple[PreTrainedModel, ...] = ()
-        if self.use_reference_model:
-            self._reference = (copy.deepcopy(lm).requires_grad_(False).eval(),)
         self._kv_cache = RolloutKVCache(lm)
-        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -180,13 +198,36 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             model_kwargs=self.model_kwargs,
             use_reference_model=self.use_reference_model,
             use_kv_cache=self.use_kv_cache,
+            autocast_dtype=self.autocast_dtype,
+            lora_config=self.lora_config,
         )
         return data
 
     @property
     def reference_model(self) -> PreTrainedModel | None:
-        """The frozen initial LM (``None`` with ``use_reference_model=False``)."""
+        """
+        The frozen initial LM: a copy, or with LoRA the policy's own LM (run with the adapters disabled);
+        ``None`` with ``use_reference_model=False``.
+        """
+        if self._peft:
+            return self.lm if self.use_reference_model else None
         return self._reference[0] if self._reference else None
+
+    def reference_context(self):
+        """A context in which :attr:`reference_model` computes the reference outputs (with LoRA: adapters off)."""
+        return self._peft[0].disable_adapter() if self._peft else contextlib.nullcontext()
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return th.autocast(device_type=self.device.type, dtype=getattr(th, self.autocast_dtype))
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        if self._peft:  # only what trains: adapters and value head; the base weights come from model_name_or_path
+            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            state = type(state)((k, v) for k, v in state.items() if not k.startswith("lm.") or k in trainable)
+        return state
 
     @property
     def tokenizer(self):
@@ -207,22 +248,34 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         self.lm.eval()  # dropout stays off: the probability ratio must be 1 at the first update
         return self
 
-    def load_state_dict(self, *args, **kwargs):
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._kv_cache.reset()
-        return super().load_state_dict(*args, **kwargs)
+        if not self._peft:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        expected = set(self.state_dict())
+        missing = expected - set(state_dict)
+        unexpected = set(state_dict) - set(super().state_dict())
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"LoRA policy state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        return result
 
     # --- forward passes -----------------------------------------------------------------------------------------------
 
-    def _last_hidden(self, obs: PyTorchObs, lm: PreTrainedModel) -> th.Tensor:
+    def _last_hidden(self, obs: PyTorchObs, lm: PreTrainedModel, cached: bool = False) -> th.Tensor:
         """
         The LM's last hidden state at the last attended token of each observation.
 
+        :param cached: may use the rollout KV cache (the policy's own LM only)
         :return: ``(batch, hidden_size)`` in the LM's dtype
         """
         input_ids, attention_mask = split_observation(obs)
         # the cache serves rollouts and predict() (eval mode, no gradients); never training steps such as TRPO's line search
-        if self.use_kv_cache and lm is self.lm and not self.training and not th.is_grad_enabled():
-            return self._kv_cache.last_hidden(input_ids, attention_mask)
+        if cached and self.use_kv_cache and not self.training and not th.is_grad_enabled():
+            with self._autocast():
+                return self._kv_cache.last_hidden(input_ids, attention_mask)
         rows, cover = covering_rows(input_ids, attention_mask)
         ids, mask = input_ids[rows], attention_mask[rows]
         # drop the columns that no row attends to (left padding of short prompts, right padding after the text)
@@ -230,20 +283,35 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         first, stop = int(attended.min()), int(attended.max()) + 1
         ids, mask = ids[:, first:stop], mask[:, first:stop]
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)[0]
+        with self._autocast():
+            hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)[0]
         return hidden[cover, last_token_index(attention_mask) - first]
 
-    def _logits(self, hidden: th.Tensor, lm: PreTrainedModel) -> th.Tensor:
-        """Next-token logits, ``(batch, vocab_size)`` float32."""
-        logits = lm.get_output_embeddings()(hidden).float()
+    def _logits(self, hidden: th.Tensor, lm: PreTrainedModel, obs: PyTorchObs) -> th.Tensor:
+        """
+        Next-token logits, ``(batch, vocab_size)`` float32, computed in float32.
+
+        :raises FloatingPointError: if any logit is NaN or infinite
+        """
+        head = lm.get_output_embeddings()
+        logits = nn.functional.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
         softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
         if softcap:
             logits = th.tanh(logits / softcap) * softcap
+        finite = th.isfinite(logits).all(dim=1)
+        if not bool(finite.all()):
+            rows = (~finite).nonzero().squeeze(1).tolist()
+            lengths = split_observation(obs)[1].sum(dim=1)[rows].tolist()
+            raise FloatingPointError(
+                f"The LM produced NaN or infinite logits for {len(rows)} of {len(finite)} observations (rows {rows[:8]}, "
+                f"holding {lengths[:8]} tokens): nothing was sampled. The weights have probably diverged: lower the "
+                "learning rate, keep `max_grad_norm`, or resume from the last checkpoint."
+            )
         return logits
 
     def _distribution_and_values(self, obs: PyTorchObs) -> tuple[CategoricalDistribution, th.Tensor]:
-        hidden = self._last_hidden(obs, self.lm)
-        distribution = self.action_dist.proba_distribution(action_logits=self._logits(hidden, self.lm))
+        hidden = self._last_hidden(obs, self.lm, cached=True)
+        distribution = self.action_dist.proba_distribution(action_logits=self._logits(hidden, self.lm, obs))
         values = self.value_head(hidden.float())
         return distribution, values
 
@@ -275,7 +343,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
 
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
         """Values ``(batch, 1)`` float32 of the observations."""
-        return self.value_head(self._last_hidden(obs, self.lm).float())
+        return self.value_head(self._last_hidden(obs, self.lm, cached=True).float())
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         return self.get_distribution(observation).get_actions(deterministic=deterministic)
@@ -289,8 +357,9 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         """
         if self.reference_model is None:
             raise ValueError("This policy has no reference model: build it with policy_kwargs=dict(use_reference_model=True).")
-        hidden = self._last_hidden(obs, self.reference_model)
-        logits = self._logits(hidden, self.reference_model)
+        with self.reference_context():
+            hidden = self._last_hidden(obs, self.reference_model)
+            logits = self._logits(hidden, self.reference_model, obs)
         return th.log_softmax(logits, dim=-1).gather(1, actions.long().reshape(-1, 1)).squeeze(1)
 
     # --- export -------------------------------------------------------------------------------------------------------
@@ -301,9 +370,34 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         plus the value head as ``value_head.pt``.
         """
         os.makedirs(save_directory, exist_ok=True)
-        self.lm.save_pretrained(save_directory)
+        if self._peft:  # a plain model with the adapters merged in, for transformers users
+            copy.deepcopy(self._peft[0]).merge_and_unload().save_pretrained(save_directory)
+        else:
+            self.lm.save_pretrained(save_directory)
         self.tokenizer.save_pretrained(save_directory)
         th.save(self.value_head.state_dict(), os.path.join(save_directory, "value_head.pt"))
+
+
+def make_peft_model(lm: PreTrainedModel, lora_config: Any):
+    """
+    Inject LoRA adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685) into ``lm`` in place with peft.
+
+    :param lm: the causal LM; its base weights are frozen
+    :param lora_config: a ``peft.LoraConfig`` or the dict of its arguments
+    :return: the ``PeftModel`` wrapping ``lm``
+    :raises ValueError: if peft is not installed or the config is not a LoRA config
+    """
+    try:
+        import peft
+    except ImportError as error:
+        raise ValueError("`lora_config` needs the `peft` package: `pip install peft`.") from error
+    if isinstance(lora_config, dict):
+        lora_config = peft.LoraConfig(**lora_config)
+    if not isinstance(lora_config, peft.LoraConfig):
+        raise ValueError(
+            f"`lora_config` must be a peft.LoraConfig or a dict of its arguments, got {type(lora_config).__name__}."
+        )
+    return peft.get_peft_model(lm, copy.deepcopy(lora_config))
 
 
 LMPolicy = CausalLMActorCriticPolicy

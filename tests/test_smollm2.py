@@ -76,3 +76,16 @@ def test_greedy_predict(smollm2):
     assert text.strip() != ""
     _, reward, terminated, _, _ = env.step(action)
     assert not terminated and reward == 0.0
+
+
+def test_save_pretrained_export(smollm2, tmp_path):
+    """A GGUF-loaded (dequantized) LM exports with save_pretrained and loads back with transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, model = smollm2
+    model.policy.save_pretrained(str(tmp_path))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    ids = th.tensor([tokenizer("Rain falls.")["input_ids"]])
+    with th.no_grad():
+        th.testing.assert_close(exported(ids).logits, model.policy.lm(ids).logits, atol=1e-4, rtol=0)
