@@ -8,8 +8,17 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from sb3_textrl.loading import eos_token_ids, load_tokenizer, logits_width
-from sb3_textrl.rewards import RewardFn, get_reward_fn, score_completions
+from sb3_textrl.loading import eos_token_ids, load_config, load_tokenizer, logits_width
+from sb3_textrl.rewards import (
+    REWARD_REGISTRY,
+    RewardFn,
+    check_reward_spec,
+    get_reward_fn,
+    is_per_token,
+    score_completions,
+    score_tokens,
+    term_scores,
+)
 from sb3_textrl.spaces import TokenObservationSpace
 
 
@@ -47,7 +56,16 @@ class TextGenerationEnv(gym.Env[dict, int]):
 
     ## Rewards
     0 at every step but the last; at the last step, the reward function's score of the completion
-    (``"vader"``: VADER compound sentiment in [-1, 1]).
+    (``"vader"``: VADER compound sentiment in [-1, 1]; see :mod:`sb3_textrl.rewards` for the others and their ranges).
+
+    A per-token reward (``per_token = True``, see :mod:`sb3_textrl.rewards.base`) instead pays each step the reward
+    of the token just generated: the environment calls it after every step with the tokens so far (each decoded on
+    its own; EOS as ``""``) and the episode's return is the sum of the token rewards.
+
+    With ``defer_scoring=True`` the environment does not score: the last step's reward is 0 and its ``info`` has
+    ``score_deferred=True``, for :class:`sb3_textrl.vec_env.BatchedRewardVecEnv`, which scores all the episodes that
+    end in the same vectorized step with one call and adds the scores to their rewards
+    (:func:`sb3_textrl.vec_env.make_text_vec_env` builds both).
 
     ## Starting State
     A prompt drawn uniformly from ``prompts`` with ``self.np_random`` (or chosen with
@@ -60,13 +78,18 @@ class TextGenerationEnv(gym.Env[dict, int]):
     2. Termination: ``max_new_tokens`` tokens have been generated. This is a termination, not a truncation:
        the completion is finished and scored, so no value is bootstrapped after it.
 
-    The last step's ``info`` holds ``prompt``, ``completion`` (decoded without special tokens) and ``score``.
+    The last step's ``info`` holds ``prompt``, ``completion`` (decoded without special tokens) and ``score`` (the
+    episode's score; the sum of the token rewards for a per-token reward, which also gives ``token_rewards``),
+    plus ``score_terms`` (``{term: score}``) for a reward that keeps per-term scores, such as ``"combined"``.
 
     ## Arguments
     - ``model_name_or_path``: the LM whose tokenizer and vocabulary to use: an alias (``"smollm2-135m-instruct"``),
       a ``.gguf`` file or a local ``save_pretrained`` directory. Never downloaded.
     - ``prompts``: non-empty list of prompt strings.
-    - ``reward_fn``: ``"vader"`` or a callable ``(prompts: list[str], completions: list[str]) -> list[float]``.
+    - ``reward_fn``: a reward name (``"vader"``, ``"reward_model"``, ``"bleu"``...: see
+      :data:`sb3_textrl.rewards.REWARD_REGISTRY`), a callable ``(prompts: list[str], completions: list[str]) -> list[float]``
+      or a per-token reward. Objects holding a model should share it when deep-copied (``gym.make`` deep-copies the
+      registered kwargs), as the built-in ones do.
     - ``max_new_tokens``: episode length limit in tokens (default 32).
     - ``max_prompt_length``: prompt slots in the observation (default: the longest encoded prompt);
       a longer prompt is refused with a ``ValueError``.
@@ -74,23 +97,31 @@ class TextGenerationEnv(gym.Env[dict, int]):
     - ``system_prompt``: optional system message for the chat template.
     - ``render_mode``: ``"ansi"`` (returns prompt and text so far) or ``"human"`` (prints it); other modes
       (SB3's ``make_vec_env`` asks for ``"rgb_array"``) render nothing.
+    - ``reward_kwargs``: arguments of a named reward, e.g. ``reward_fn="bleu", reward_kwargs=dict(references=path)``.
+    - ``defer_scoring``: leave the scoring to :class:`sb3_textrl.vec_env.BatchedRewardVecEnv` (default False); the
+      reward is then only checked here, not built, and may be ``None`` (the wrapper brings it).
 
     ## Version History
     - v0: initial version
     """
 
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+    #: the attributes that hold the episode in flight: checkpoints save them to resume mid-episode
+    #: (:mod:`sb3_textrl.checkpoints`); list any new per-episode attribute here
+    episode_state_attrs = ("_prompt_index", "_input_ids", "_attention_mask", "_generated", "_pieces", "_return", "_done")
 
     def __init__(
         self,
         model_name_or_path: str,
         prompts: Sequence[str],
-        reward_fn: str | RewardFn = "vader",
+        reward_fn: str | RewardFn | None = "vader",
         max_new_tokens: int = 32,
         max_prompt_length: int | None = None,
         use_chat_template: bool | None = None,
         system_prompt: str | None = None,
         render_mode: str | None = None,
+        reward_kwargs: dict | None = None,
+        defer_scoring: bool = False,
     ):
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise ValueError("`prompts` must be a non-empty list of strings, e.g. prompts=['Write one sentence about rain.'].")
@@ -109,7 +140,22 @@ class TextGenerationEnv(gym.Env[dict, int]):
                 f"logits width (config.vocab_size) is {self.vocab_size}: tokenizer and LM do not match. "
                 "Save them together with `save_pretrained` into one directory."
             )
-        self.reward_fn = get_reward_fn(reward_fn)
+        self.reward_spec = reward_fn
+        self.reward_kwargs = reward_kwargs
+        self.defer_scoring = bool(defer_scoring)
+        if self.defer_scoring:
+            if reward_fn is not None:  # checked here, built by the wrapper
+                check_reward_spec(reward_fn, reward_kwargs)
+            factory = REWARD_REGISTRY.get(reward_fn) if isinstance(reward_fn, str) else reward_fn
+            if is_per_token(factory):
+                raise ValueError(
+                    "`defer_scoring=True` but `reward_fn` is a per-token reward, which the environment pays at every step: "
+                    "pass defer_scoring=False."
+                )
+            self.reward_fn: RewardFn | None = None
+        else:
+            self.reward_fn = get_reward_fn(reward_fn, reward_kwargs)
+        self.per_token = is_per_token(self.reward_fn)
         self.prompts = list(prompts)
         self.max_new_tokens = int(max_new_tokens)
         self.use_chat_template = (
@@ -122,6 +168,9 @@ class TextGenerationEnv(gym.Env[dict, int]):
         self.pad_token_id = int(self.tokenizer.pad_token_id)
 
         encoded = [encode_prompt(self.tokenizer, p, self.use_chat_template, system_prompt) for p in self.prompts]
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise ValueError(f"`prompts[{i}]` ({self.prompts[i]!r}) encodes to no tokens: give a prompt with text.")
         longest = max(len(ids) for ids in encoded)
         self.max_prompt_length = longest if max_prompt_length is None else int(max_prompt_length)
         if longest > self.max_prompt_length:
@@ -130,9 +179,14 @@ class TextGenerationEnv(gym.Env[dict, int]):
                 f"`prompts[{i}]` encodes to {longest} tokens, more than `max_prompt_length={self.max_prompt_length}`: "
                 "shorten the prompt or raise `max_prompt_length`."
             )
-        context = getattr(self.tokenizer, "model_max_length", None)
+        # the context: the tokenizer's limit, or the LM's position embeddings (GGUF tokenizers often have no limit)
+        config = load_config(model_name_or_path)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limits = [getattr(self.tokenizer, "model_max_length", None)]
+        limits += [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
+        context = min((int(n) for n in limits if isinstance(n, (int, float)) and 0 < n < 1e9), default=None)
         self.max_length = self.max_prompt_length + self.max_new_tokens
-        if context is not None and context < 1e9 and self.max_length > context:
+        if context is not None and self.max_length > context:
             raise ValueError(
                 f"`max_new_tokens={self.max_new_tokens}` plus the longest prompt ({self.max_prompt_length} tokens) "
                 f"exceeds the LM's context of {context} tokens: lower `max_new_tokens` or shorten the prompts."
@@ -152,6 +206,8 @@ class TextGenerationEnv(gym.Env[dict, int]):
         self._input_ids: np.ndarray | None = None
         self._attention_mask: np.ndarray | None = None
         self._generated: list[int] = []
+        self._pieces: list[str] = []  # per-token rewards: each generated token decoded on its own
+        self._return = 0.0
         self._done = False
 
     @property
@@ -181,6 +237,8 @@ class TextGenerationEnv(gym.Env[dict, int]):
         self._input_ids = self._prompt_ids[self._prompt_index].copy()
         self._attention_mask = self._prompt_mask[self._prompt_index].copy()
         self._generated = []
+        self._pieces = []
+        self._return = 0.0
         self._done = False
         if self.render_mode == "human":
             self.render()
@@ -200,10 +258,23 @@ class TextGenerationEnv(gym.Env[dict, int]):
         reward, info = 0.0, {}
         if terminated:
             self._done = True
+        if self.per_token:
+            self._pieces.append(self.tokenizer.decode([token], skip_special_tokens=True))
+            token_rewards = score_tokens(self.reward_fn, [self.prompt], [self._pieces])[0]  # type: ignore[arg-type]
+            reward = token_rewards[-1]
+            self._return += reward
+            if terminated:
+                info = {"prompt": self.prompt, "completion": self.completion(), "score": self._return}
+                info["token_rewards"] = token_rewards
+        elif terminated and self.defer_scoring:
+            info = {"prompt": self.prompt, "completion": self.completion(), "score_deferred": True}
+        elif terminated:
             completion = self.completion()
-            score = score_completions(self.reward_fn, [self.prompt], [completion])[0]
-            reward = score
-            info = {"prompt": self.prompt, "completion": completion, "score": score}
+            reward = score_completions(self.reward_fn, [self.prompt], [completion])[0]  # type: ignore[arg-type]
+            info = {"prompt": self.prompt, "completion": completion, "score": reward}
+            terms = term_scores(self.reward_fn, 0)
+            if terms is not None:
+                info["score_terms"] = terms
         if self.render_mode == "human":
             self.render()
         return self._get_obs(), reward, terminated, False, info

@@ -20,6 +20,27 @@ def flat_observations(buffer: RolloutBuffer | DictRolloutBuffer, device: th.devi
     return th.as_tensor(buffer.observations.reshape(-1, *buffer.observations.shape[2:]), device=device)
 
 
+class EpisodeScores:
+    """The raw scores (``info["score"]``) and per-term scores (``info["score_terms"]``) of the episodes that end."""
+
+    def __init__(self) -> None:
+        self.scores: list[float] = []
+        self.terms: dict[str, list[float]] = {}
+
+    def collect(self, infos: list[dict], dones: np.ndarray) -> None:
+        for info, done in zip(infos, dones):
+            if done and "score" in info:
+                self.scores.append(float(info["score"]))
+                for term, value in info.get("score_terms", {}).items():
+                    self.terms.setdefault(term, []).append(float(value))
+
+    def mean(self) -> float:
+        return float(np.mean(self.scores)) if self.scores else float("nan")
+
+    def clear(self) -> None:
+        self.scores, self.terms = [], {}
+
+
 class KLPenaltyCallback(BaseCallback):
     """
     Penalise each step's reward by the KL divergence from the reference model, with stock SB3 algorithms.
@@ -34,7 +55,8 @@ class KLPenaltyCallback(BaseCallback):
     controller updates the coefficient.
 
     Logged: ``rollout/ref_kl`` (mean KL per episode, nats: total KL over the number of finished episodes),
-    ``rollout/ref_kl_per_token``, ``rollout/score`` (mean raw score of the episodes that finished),
+    ``rollout/ref_kl_per_token``, ``rollout/score`` (mean raw score, ``info["score"]``, of the episodes that finished),
+    ``rollout/score/<term>`` for each term of a combined reward (``info["score_terms"]``),
     ``rollout/penalized_return`` (mean score minus ``kl_coef`` times KL per episode) and ``train/kl_coef``
     (the coefficient used for this rollout).
 
@@ -52,6 +74,7 @@ class KLPenaltyCallback(BaseCallback):
             raise ValueError(f"Unknown KL `estimator={estimator!r}`: use one of {KL_ESTIMATORS}.")
         self.estimator = estimator
         self.last_kl: float = 0.0
+        self._episodes = EpisodeScores()
 
     @property
     def kl_coef(self) -> float:
@@ -67,6 +90,7 @@ class KLPenaltyCallback(BaseCallback):
             )
 
     def _on_step(self) -> bool:
+        self._episodes.collect(self.locals["infos"], self.locals["dones"])
         return True
 
     def _on_rollout_end(self) -> None:
@@ -76,21 +100,20 @@ class KLPenaltyCallback(BaseCallback):
         actions = th.as_tensor(buffer.actions.reshape(-1), device=policy.device)
         ref_log_prob = policy.reference_log_prob(obs, actions).cpu().numpy().reshape(buffer.log_probs.shape)
         kl = estimate_kl(buffer.log_probs, ref_log_prob, self.estimator).astype(np.float32)
-        # episodes that ended in this rollout: their last reward is the score (rewards are 0 before the end)
-        ended = np.zeros_like(buffer.episode_starts, dtype=bool)
-        ended[:-1] = buffer.episode_starts[1:].astype(bool)
-        ended[-1] = np.asarray(self.locals["dones"], dtype=bool)
-        n_episodes = int(ended.sum())
+        n_episodes = int(buffer.episode_starts[1:].sum() + np.sum(self.locals["dones"]))  # episodes that ended
         kl_coef = self.kl_coef
         if kl_coef > 0:
             buffer.rewards -= kl_coef * kl
             # SB3 computed returns/advantages before this hook: recompute them from the penalised rewards
             buffer.compute_returns_and_advantage(last_values=self.locals["values"], dones=self.locals["dones"])
         self.last_kl = float(kl.sum() / max(1, n_episodes))
-        score = float(buffer.rewards[ended].mean() + kl_coef * kl[ended].mean()) if n_episodes else float("nan")
+        score = self._episodes.mean()
         self.logger.record("rollout/ref_kl", self.last_kl)
         self.logger.record("rollout/ref_kl_per_token", float(kl.mean()))
         self.logger.record("rollout/score", score)
+        for term, values in self._episodes.terms.items():
+            self.logger.record(f"rollout/score/{term}", float(np.mean(values)))
+        self._episodes.clear()
         self.logger.record("rollout/penalized_return", score - kl_coef * self.last_kl)
         self.logger.record("train/kl_coef", kl_coef)
         self.controller.update(self.last_kl, n_episodes)
@@ -109,22 +132,22 @@ class RolloutHistoryCallback(BaseCallback):
         super().__init__(verbose)
         self.kl_callback = kl_callback
         self.history: list[dict[str, float]] = []
-        self._scores: list[float] = []
+        self._episodes = EpisodeScores()
 
     def _on_step(self) -> bool:
-        for info, done in zip(self.locals["infos"], self.locals["dones"]):
-            if done and "score" in info:
-                self._scores.append(float(info["score"]))
+        self._episodes.collect(self.locals["infos"], self.locals["dones"])
         return True
 
     def _on_rollout_end(self) -> None:
         self.history.append(
             {
                 "timesteps": float(self.num_timesteps),
-                "score": float(np.mean(self._scores)) if self._scores else float("nan"),
-                "episodes": float(len(self._scores)),
+                "score": self._episodes.mean(),
+                "episodes": float(len(self._episodes.scores)),
                 "kl": self.kl_callback.last_kl if self.kl_callback is not None else float("nan"),
                 "kl_coef": self.kl_callback.kl_coef if self.kl_callback is not None else float("nan"),
             }
         )
-        self._scores = []
+        for term, values in self._episodes.terms.items():
+            self.history[-1][f"score/{term}"] = float(np.mean(values))
+        self._episodes.clear()

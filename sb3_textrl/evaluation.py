@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from sb3_textrl.envs.text_generation import encode_prompt
 from sb3_textrl.policies import CausalLMActorCriticPolicy
-from sb3_textrl.rewards import RewardFn, get_reward_fn, score_completions
+from sb3_textrl.rewards import RewardFn, get_reward_fn, is_per_token, score_completions
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[th.Tensor, th.Tensor]:
@@ -99,6 +99,7 @@ def evaluate_prompts(
     prompts: Sequence[str],
     reward_fn: str | RewardFn = "vader",
     max_new_tokens: int = 32,
+    reward_kwargs: dict | None = None,
     n_samples: int = 1,
     use_chat_template: bool | None = None,
     system_prompt: str | None = None,
@@ -109,14 +110,17 @@ def evaluate_prompts(
 
     :param policy: the policy to evaluate (its reference model gives the KL)
     :param prompts: held-out prompts
-    :param reward_fn: reward name or callable, as in the environment
+    :param reward_fn: reward name or callable, as in the environment (completion-level: a per-token reward is refused)
+    :param reward_kwargs: keyword arguments of a named reward, as in the environment
     :param max_new_tokens: completion length limit
     :param n_samples: sampled completions per prompt (the greedy one is unique)
     :return: mean greedy reward, mean sampled reward, mean KL (nats per completion, k1 estimate over the sampled
         completions: sum of ``log pi - log pi_ref``; ``nan`` without reference model) and, for each prompt, its greedy
         and first sampled completion with their scores
     """
-    reward_fn = get_reward_fn(reward_fn)
+    reward_fn = get_reward_fn(reward_fn, reward_kwargs)
+    if is_per_token(reward_fn):
+        raise ValueError("`reward_fn` is a per-token reward: evaluate_prompts needs a completion-level reward.")
     tokenizer = policy.tokenizer
     use_chat_template = tokenizer.chat_template is not None if use_chat_template is None else use_chat_template
     eos = sorted({tokenizer.eos_token_id, *np.atleast_1d(policy.lm.generation_config.eos_token_id or [])} - {None})
