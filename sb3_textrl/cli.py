@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from importlib import resources
 
 import gymnasium as gym
@@ -17,9 +20,48 @@ from stable_baselines3.common.env_util import make_vec_env
 import sb3_textrl  # noqa: F401  (registers the env and the "LMPolicy" alias)
 from sb3_textrl.buffers import EpisodeRolloutBuffer
 from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
+from sb3_textrl.checkpoints import (
+    AtomicCheckpointCallback,
+    atomic_write,
+    latest_checkpoint,
+    load_checkpoint,
+    read_resume_state,
+)
 from sb3_textrl.evaluation import EvaluationResult, evaluate_prompts
 from sb3_textrl.kl import AdaptiveKLController
 from sb3_textrl.plotting import plot_rollout_history
+from sb3_textrl.validation import check_lm_setup, check_rollout_size
+
+# arguments that must not change when a run is resumed (besides the prompts' content)
+RESUME_FIXED_ARGS = (
+    "reward",
+    "max_new_tokens",
+    "n_envs",
+    "n_steps",
+    "batch_size",
+    "n_epochs",
+    "kl_coef",
+    "kl_target",
+    "kl_horizon",
+    "kl_estimator",
+    "gamma",
+    "gae_lambda",
+    "clip_range",
+    "vf_coef",
+    "ent_coef",
+    "max_grad_norm",
+    "eval_samples",
+    "seed",
+)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT; a checkpoint was written."""
+
+    def __init__(self, checkpoint: str, num_timesteps: int):
+        super().__init__(checkpoint)
+        self.checkpoint = checkpoint
+        self.num_timesteps = num_timesteps
 
 
 def packaged_prompts(name: str) -> str:
@@ -52,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prompts", default=packaged_prompts("prompts_train.txt"), help="training prompts, one per line")
     train.add_argument("--eval-prompts", default=packaged_prompts("prompts_eval.txt"), help="held-out prompts, one per line")
     train.add_argument("--reward", default="vader", help="reward function name")
-    train.add_argument("--total-timesteps", type=int, default=9_216, help="PPO budget in generated tokens (env steps)")
+    train.add_argument("--total-timesteps", type=int, default=7_680, help="PPO budget in generated tokens (env steps)")
     train.add_argument("--max-new-tokens", type=int, default=24, help="completion length limit (tokens)")
     train.add_argument("--n-envs", type=int, default=16, help="parallel environments (completions per rollout step)")
     train.add_argument(
@@ -80,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="random seed")
     train.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
     train.add_argument("--output-dir", default="runs/main", help="folder for model.zip, pretrained/, curves.png, results.json")
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="write a resumable checkpoint to OUTPUT_DIR/checkpoints every N rollouts (0: only on SIGINT; "
+        "default: 0, or the interrupted run's value with --resume)",
+    )
+    train.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir from its latest checkpoint (same arguments; --total-timesteps may grow)",
+    )
     train.add_argument("--no-progress-bar", action="store_true", help="hide SB3's progress bar")
     train.add_argument("--verbose", type=int, default=0, help="SB3 verbosity (1 prints the logger's tables)")
     return parser
@@ -105,11 +160,95 @@ def format_table(before: EvaluationResult, after: EvaluationResult, n_prompts: i
     return "\n".join(lines)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad numbers before any model is loaded."""
+    positive = {
+        "--total-timesteps": args.total_timesteps,
+        "--max-new-tokens": args.max_new_tokens,
+        "--n-epochs": args.n_epochs,
+        "--eval-samples": args.eval_samples,
+        "--keep-checkpoints": args.keep_checkpoints,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+    if not args.learning_rate > 0:
+        raise ValueError(f"`--learning-rate` must be > 0, got {args.learning_rate}.")
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        raise ValueError(f"`--checkpoint-every` (rollouts) must be >= 0, got {args.checkpoint_every}; 0 saves only on SIGINT.")
+    n_steps = args.n_steps or args.max_new_tokens
+    check_rollout_size(n_steps, args.n_envs, args.batch_size, names=("--n-steps", "--n-envs", "--batch-size"))
+
+
+def check_resume_args(args: argparse.Namespace, saved: dict, train_prompts: list[str], eval_prompts: list[str]) -> None:
+    """The resumed run must be the same run: same prompts and training arguments."""
+    for name in RESUME_FIXED_ARGS:
+        if name in saved["args"] and saved["args"][name] != getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"`--resume`: `{flag}` was {saved['args'][name]!r} in the checkpointed run, got {getattr(args, name)!r}: "
+                "resume with the same arguments (only --total-timesteps, --learning-rate, --model (if the LM moved), "
+                "--device, --checkpoint-every, --keep-checkpoints and the output options may change)."
+            )
+    for flag, prompts, key in (("--prompts", train_prompts, "prompts"), ("--eval-prompts", eval_prompts, "eval_prompts")):
+        if saved[key] != prompts:
+            raise ValueError(
+                f"`--resume`: the prompts of `{flag}` differ from the checkpointed run's: resume with the same prompt file."
+            )
+
+
+def _stop_on_sigint(checkpoint: AtomicCheckpointCallback) -> Callable[[], None]:
+    """
+    Make SIGINT ask ``checkpoint`` to stop training at the next step (a second SIGINT interrupts at once).
+
+    :return: a function that puts the previous handler back
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return lambda: None
+
+    def handler(signum, frame):
+        checkpoint.request_stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 def train(args: argparse.Namespace) -> dict:
-    """Run the main job; returns what it wrote to ``results.json``."""
+    """
+    Run the main job; returns what it wrote to ``results.json``.
+
+    :raises ValueError: for bad arguments or inputs, before any training where possible
+    :raises TrainingInterrupted: on SIGINT during training, after writing a checkpoint
+    """
     started = time.time()
+    check_args(args)
     train_prompts = read_prompts(args.prompts, "--prompts")
     eval_prompts = read_prompts(args.eval_prompts, "--eval-prompts")
+    checkpoint_dir = os.path.join(args.output_dir, "checkpoints")
+    resume_from = latest_checkpoint(checkpoint_dir)
+    if args.resume and resume_from is None:
+        raise ValueError(
+            f"`--resume`: no checkpoint in {checkpoint_dir!r}. Give the --output-dir of the run to continue, or start a new "
+            "run without --resume (--checkpoint-every N writes checkpoints; SIGINT writes one)."
+        )
+    if not args.resume and resume_from is not None:
+        raise ValueError(
+            f"`--output-dir` {args.output_dir!r} holds checkpoints of an earlier run ({resume_from}): continue it with "
+            "--resume, or choose another --output-dir."
+        )
+    saved = read_resume_state(resume_from)["extra"] if args.resume else None
+    if saved is not None:
+        check_resume_args(args, saved, train_prompts, eval_prompts)
+        if args.checkpoint_every is None:
+            args.checkpoint_every = saved["args"].get("checkpoint_every", 0)
+    checkpoint_every = args.checkpoint_every or 0
+    kl_coef = args.kl_coef
+    if args.kl_target is not None:
+        kl_coef = AdaptiveKLController(kl_coef=args.kl_coef, target=args.kl_target, horizon=args.kl_horizon)
+    kl_callback = KLPenaltyCallback(kl_coef=kl_coef, estimator=args.kl_estimator)
+    history = RolloutHistoryCallback(kl_callback)
+
     os.makedirs(args.output_dir, exist_ok=True)
     env_kwargs = dict(
         model_name_or_path=args.model,
@@ -119,45 +258,81 @@ def train(args: argparse.Namespace) -> dict:
         render_mode=None,
     )
     env = make_vec_env("sb3_textrl/TextGeneration-v0", n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
-    model = PPO(
-        "LMPolicy",
-        env,
-        learning_rate=args.learning_rate,
-        n_steps=args.n_steps or args.max_new_tokens,
-        batch_size=args.batch_size,
-        n_epochs=args.n_epochs,
-        gamma=args.gamma,
-        gae_lambda=args.gae_lambda,
-        clip_range=args.clip_range,
-        vf_coef=args.vf_coef,
-        ent_coef=args.ent_coef,
-        max_grad_norm=args.max_grad_norm,
-        rollout_buffer_class=EpisodeRolloutBuffer,
-        seed=args.seed,
-        device=args.device,
-        verbose=args.verbose,
-    )
     evaluate = dict(reward_fn=args.reward, max_new_tokens=args.max_new_tokens, n_samples=args.eval_samples)
-    print(f"Model loaded in {time.time() - started:.0f} s; evaluating {len(eval_prompts)} held-out prompts ...", flush=True)
-    before = evaluate_prompts(model.policy, eval_prompts, **evaluate)
+    if saved is not None:
+        model, saved = load_checkpoint(
+            resume_from,
+            env=env,
+            callbacks=[kl_callback, history],
+            device=args.device,
+            model_name_or_path=args.model,
+            learning_rate=args.learning_rate,  # may be lowered to get past a divergence
+        )
+        check_lm_setup(model)
+        before = EvaluationResult(**saved["before"])
+        print(f"Resuming {resume_from} at {model.num_timesteps} timesteps.", flush=True)
+    else:
+        model = PPO(
+            "LMPolicy",
+            env,
+            learning_rate=args.learning_rate,
+            n_steps=args.n_steps or args.max_new_tokens,
+            batch_size=args.batch_size,
+            n_epochs=args.n_epochs,
+            gamma=args.gamma,
+            gae_lambda=args.gae_lambda,
+            clip_range=args.clip_range,
+            vf_coef=args.vf_coef,
+            ent_coef=args.ent_coef,
+            max_grad_norm=args.max_grad_norm,
+            rollout_buffer_class=EpisodeRolloutBuffer,
+            seed=args.seed,
+            device=args.device,
+            verbose=args.verbose,
+        )
+        check_lm_setup(model)
+        print(
+            f"Model loaded in {time.time() - started:.0f} s; evaluating {len(eval_prompts)} held-out prompts ...", flush=True
+        )
+        before = evaluate_prompts(model.policy, eval_prompts, **evaluate)
+    print(f"Evaluated in {time.time() - started:.0f} s (since start); training ...", flush=True)
 
-    kl_coef = args.kl_coef
-    if args.kl_target is not None:
-        kl_coef = AdaptiveKLController(kl_coef=args.kl_coef, target=args.kl_target, horizon=args.kl_horizon)
-    kl_callback = KLPenaltyCallback(kl_coef=kl_coef, estimator=args.kl_estimator)
-    history = RolloutHistoryCallback(kl_callback)
+    run_args = {name: getattr(args, name) for name in (*RESUME_FIXED_ARGS, "model", "total_timesteps", "learning_rate")}
+    run_args["checkpoint_every"] = checkpoint_every
+    extra_state = {"args": run_args, "prompts": train_prompts, "eval_prompts": eval_prompts, "before": before.__dict__}
+    checkpoint = AtomicCheckpointCallback(
+        checkpoint_every,
+        checkpoint_dir,
+        callbacks=[kl_callback, history],
+        extra_state=extra_state,
+        keep_last=args.keep_checkpoints,
+    )
     train_started = time.time()
-    model.learn(args.total_timesteps, callback=CallbackList([kl_callback, history]), progress_bar=not args.no_progress_bar)
+    restore_sigint = _stop_on_sigint(checkpoint)
+    try:
+        model.learn(
+            max(0, args.total_timesteps - model.num_timesteps),
+            callback=CallbackList([kl_callback, history, checkpoint]),
+            progress_bar=not args.no_progress_bar,
+            reset_num_timesteps=saved is None,
+        )
+    except FloatingPointError as error:  # NaN/inf logits or weights: say when, and where to resume from
+        last = latest_checkpoint(checkpoint_dir)
+        raise FloatingPointError(
+            f"Training diverged at num_timesteps={model.num_timesteps}: {error} Last checkpoint: {last or 'none'}."
+        ) from error
+    finally:
+        restore_sigint()
     train_seconds = time.time() - train_started
+    if checkpoint.stopped:
+        path = checkpoint.save_last_boundary()
+        raise TrainingInterrupted(path, read_resume_state(path)["model"]["num_timesteps"])
 
     after = evaluate_prompts(model.policy, eval_prompts, **evaluate)
     print(format_table(before, after, len(eval_prompts)), flush=True)
 
     curves = plot_rollout_history(history.history, os.path.join(args.output_dir, "curves.png"), f"PPO on {args.model}")
-    model_path = os.path.join(args.output_dir, "model.zip")
-    partial = os.path.join(args.output_dir, "model.partial.zip")
-    model.save(partial)
-    os.replace(partial, model_path)  # atomic: a crash mid-save never leaves a broken model.zip
+    model_path = atomic_write(os.path.join(args.output_dir, "model.zip"), model.save)  # never a broken model.zip
     export_dir = os.path.join(args.output_dir, "pretrained")
     model.policy.save_pretrained(export_dir)
     results = {
@@ -166,6 +341,7 @@ def train(args: argparse.Namespace) -> dict:
         "after": after.__dict__,
         "history": history.history,
         "iterations": len(history.history),
+        "resumed_from": resume_from if saved is not None else None,
         "train_seconds": train_seconds,
         "total_seconds": time.time() - started,
     }
@@ -188,6 +364,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # NaN/inf logits or weights: training diverged
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as stop:
+        print(
+            f"interrupted: wrote the checkpoint {stop.checkpoint} ({stop.num_timesteps} timesteps); "
+            "continue with the same command plus --resume.",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

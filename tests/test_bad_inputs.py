@@ -269,3 +269,131 @@ def test_kl_callback_needs_lm_policy(tiny_llama_path):
     model = PPO("MlpPolicy", env, n_steps=16, batch_size=16)
     with pytest.raises(ValueError, match="LMPolicy"):
         model.learn(16, callback=sb3_textrl.KLPenaltyCallback(0.1))
+
+
+# --- issue 5: more bad inputs (see docs/bad_inputs.md) ------------------------------------------------------------------
+
+
+def copy_lm(source, target, tokenizer_config=None, config=None):
+    """A copy of a tiny LM with edited ``tokenizer_config.json`` / ``config.json`` entries (``None`` deletes a key)."""
+    import json
+    import shutil
+
+    shutil.copytree(source, target)
+    for name, changes in (("tokenizer_config.json", tokenizer_config), ("config.json", config)):
+        if changes:
+            with open(target / name, encoding="utf-8") as f:
+                data = json.load(f)
+            for key, value in changes.items():
+                if value is None:
+                    data.pop(key, None)
+                else:
+                    data[key] = value
+            with open(target / name, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+    return str(target)
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tiny_llama_path, tmp_path):
+    path = copy_lm(tiny_llama_path, tmp_path / "no_pad", tokenizer_config={"pad_token": None})
+    env = make_env(path).unwrapped
+    assert env.pad_token_id == env.tokenizer.eos_token_id == 2
+    obs, _ = env.reset(seed=0)
+    assert obs["attention_mask"].sum() < len(obs["attention_mask"])  # padding stays masked out
+
+
+def test_tokenizer_without_pad_or_eos_token(tiny_llama_path, tmp_path):
+    path = copy_lm(tiny_llama_path, tmp_path / "no_pad_eos", tokenizer_config={"pad_token": None, "eos_token": None})
+    with pytest.raises(ValueError, match=r"model_name_or_path.*neither a pad token nor an EOS token"):
+        make_env(path)
+
+
+def test_context_from_the_model_config(tiny_llama_path, tmp_path):
+    """A tokenizer without a length limit: the LM's `max_position_embeddings` bounds prompt + `max_new_tokens`."""
+    no_limit, short = {"model_max_length": None}, {"max_position_embeddings": 24}
+    path = copy_lm(tiny_llama_path, tmp_path / "short_context", tokenizer_config=no_limit, config=short)
+    assert make_env(path, prompts=["Hi"], max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"max_new_tokens=20.*context of 24 tokens"):
+        make_env(path, prompts=["Hi"], max_new_tokens=20)
+
+
+def test_prompt_that_encodes_to_no_tokens(tiny_gpt2_path, monkeypatch):
+    from sb3_textrl.envs import text_generation
+
+    real = text_generation.encode_prompt
+    monkeypatch.setattr(text_generation, "encode_prompt", lambda tok, p, *a: [] if p == "\u200b" else real(tok, p, *a))
+    with pytest.raises(ValueError, match=re.escape("`prompts[1]`") + ".*no tokens"):
+        make_env(tiny_gpt2_path, prompts=["Hi", "\u200b"])
+
+
+def test_batch_larger_than_rollout(tiny_llama_path):
+    from sb3_textrl.validation import check_lm_setup, check_rollout_size
+
+    with pytest.raises(ValueError, match=r"`batch_size` \(64\) is larger than a rollout.*4 \* 2 = 8"):
+        check_rollout_size(4, 2, 64)
+    with pytest.raises(ValueError, match="must be greater than 1"):
+        check_rollout_size(1, 1, None)
+    with pytest.raises(ValueError, match="`n_envs` must be a positive integer"):
+        check_rollout_size(4, 0, 8)
+    check_rollout_size(4, 2, 8)
+    model = PPO("LMPolicy", make_env(tiny_llama_path), n_steps=4, batch_size=64)  # SB3 only warns
+    with pytest.raises(ValueError, match="batch_size"):
+        check_lm_setup(model)
+
+
+@pytest.mark.parametrize(
+    "flag, value, match",
+    [
+        ("--batch-size", "512", r"`--batch-size` \(512\) is larger than a rollout, `--n-steps \* --n-envs`"),
+        ("--n-envs", "0", "`--n-envs` must be a positive integer"),
+        ("--total-timesteps", "0", "`--total-timesteps` must be a positive integer"),
+        ("--max-new-tokens", "-3", "`--max-new-tokens` must be a positive integer"),
+        ("--learning-rate", "0", "`--learning-rate` must be > 0"),
+    ],
+)
+def test_cli_bad_numbers(tiny_llama_path, tmp_path, capsys, flag, value, match):
+    from sb3_textrl.cli import main
+
+    assert main(["train", "--model", tiny_llama_path, flag, value, "--output-dir", str(tmp_path / "out")]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()  # refused before anything was loaded or written
+
+
+def test_gymnasium_vector_env(tiny_llama_path):
+    from sb3_textrl.validation import check_vec_env
+
+    kwargs = dict(model_name_or_path=tiny_llama_path, prompts=PROMPTS, max_new_tokens=3)
+    vector_env = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="sync", **kwargs)
+    with pytest.raises(ValueError, match=r"Gymnasium vector env.*make_vec_env"):
+        check_vec_env(vector_env)
+    with pytest.raises(ValueError, match="not a Gymnasium environment"):  # SB3's own message is about OpenAI Gym
+        PPO("LMPolicy", vector_env)
+
+
+def test_vecnormalize_on_token_ids(tiny_llama_path):
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    from sb3_textrl.validation import check_lm_setup, check_vec_env
+
+    kwargs = dict(model_name_or_path=tiny_llama_path, prompts=PROMPTS, max_new_tokens=3)
+    env = make_vec_env(ENV_ID, n_envs=2, env_kwargs=kwargs)
+    with pytest.raises(ValueError, match=r"VecNormalize\(norm_obs=True\)` would normalise.*norm_obs=False"):
+        check_vec_env(VecNormalize(env))
+    check_vec_env(VecNormalize(env, norm_obs=False))
+    check_vec_env(VecNormalize(env, norm_obs_keys=[]))
+    model = PPO("LMPolicy", VecNormalize(env), n_steps=4, batch_size=8)  # SB3 accepts it: the check is the only guard
+    with pytest.raises(ValueError, match="VecNormalize"):
+        check_lm_setup(model)
+
+
+def test_env_and_policy_built_for_different_lms(tiny_llama_path, tiny_gpt2_path):
+    from sb3_textrl.validation import check_lm_setup, check_same_lm
+
+    env = make_env(tiny_llama_path)
+    # same logits width (300), so the policy builds: only the tokenizers tell the LMs apart
+    model = PPO("LMPolicy", env, n_steps=4, batch_size=4, policy_kwargs=dict(model_name_or_path=tiny_gpt2_path))
+    with pytest.raises(ValueError, match="tokenizers differ") as error:
+        check_lm_setup(model)
+    assert tiny_llama_path in str(error.value) and tiny_gpt2_path in str(error.value)
+    check_same_lm(tiny_llama_path, tiny_llama_path)
