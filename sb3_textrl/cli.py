@@ -15,7 +15,6 @@ from importlib import resources
 import gymnasium as gym
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
-from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_textrl  # noqa: F401  (registers the env and the "LMPolicy" alias)
 from sb3_textrl.buffers import EpisodeRolloutBuffer
@@ -31,10 +30,12 @@ from sb3_textrl.evaluation import EvaluationResult, evaluate_prompts
 from sb3_textrl.kl import AdaptiveKLController
 from sb3_textrl.plotting import plot_rollout_history
 from sb3_textrl.validation import check_lm_setup, check_rollout_size
+from sb3_textrl.vec_env import make_text_vec_env
 
 # arguments that must not change when a run is resumed (besides the prompts' content)
 RESUME_FIXED_ARGS = (
     "reward",
+    "reward_kwargs",
     "max_new_tokens",
     "n_envs",
     "n_steps",
@@ -93,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default="smollm2-135m-instruct", help="LM alias, .gguf file or save_pretrained directory")
     train.add_argument("--prompts", default=packaged_prompts("prompts_train.txt"), help="training prompts, one per line")
     train.add_argument("--eval-prompts", default=packaged_prompts("prompts_eval.txt"), help="held-out prompts, one per line")
-    train.add_argument("--reward", default="vader", help="reward function name")
+    train.add_argument("--reward", default="vader", help="reward function name (see sb3_textrl.rewards.REWARD_REGISTRY)")
+    train.add_argument(
+        "--reward-kwargs",
+        type=json.loads,
+        default=None,
+        help='JSON object of the named reward\'s arguments, e.g. \'{"references": "examples/prompts_with_references.jsonl"}\'',
+    )
     train.add_argument("--total-timesteps", type=int, default=7_680, help="PPO budget in generated tokens (env steps)")
     train.add_argument("--max-new-tokens", type=int, default=24, help="completion length limit (tokens)")
     train.add_argument("--n-envs", type=int, default=16, help="parallel environments (completions per rollout step)")
@@ -254,11 +261,14 @@ def train(args: argparse.Namespace) -> dict:
         model_name_or_path=args.model,
         prompts=train_prompts,
         reward_fn=args.reward,
+        reward_kwargs=args.reward_kwargs,
         max_new_tokens=args.max_new_tokens,
         render_mode=None,
     )
-    env = make_vec_env("sb3_textrl/TextGeneration-v0", n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
-    evaluate = dict(reward_fn=args.reward, max_new_tokens=args.max_new_tokens, n_samples=args.eval_samples)
+    # one reward call per step for all the episodes that end in it
+    env = make_text_vec_env(n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
+    evaluate = dict(reward_fn=args.reward, reward_kwargs=args.reward_kwargs)
+    evaluate.update(max_new_tokens=args.max_new_tokens, n_samples=args.eval_samples)
     if saved is not None:
         model, saved = load_checkpoint(
             resume_from,

@@ -66,6 +66,7 @@ class RolloutKVCache:
         self.obs_mask: th.Tensor | None = None
         self.cache_mask: th.Tensor | None = None  # (batch, cache_length)
         self.layers: list[tuple[th.Tensor, th.Tensor]] = []
+        self.cache: DynamicCache | None = None  # the same tensors as `layers`, as a cache object the LM can extend
         self.hidden: th.Tensor | None = None  # (batch, hidden_size): last hidden state of each row
 
     def _run(self, input_ids, attention_mask, position_ids, past=None):
@@ -76,7 +77,7 @@ class RolloutKVCache:
             past_key_values=past,
             use_cache=True,
         )
-        return out[0][:, -1], _layers(out.past_key_values)
+        return out[0][:, -1], out.past_key_values
 
     @th.no_grad()
     def last_hidden(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
@@ -110,6 +111,13 @@ class RolloutKVCache:
         fresh = ~(same | extended)
         if same.all():
             return self.hidden
+        if extended.all():  # the common case: every env took one step; extend the cache in place
+            position_ids = (attention_mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+            self.cache_mask = F.pad(self.cache_mask, (0, 1), value=1)
+            past = self.cache if self.cache is not None else _make_cache(self.layers)
+            hidden, self.cache = self._run(input_ids[th.arange(batch), new_last][:, None], self.cache_mask, position_ids, past)
+            self.layers = _layers(self.cache)
+            return self._store(input_ids, attention_mask, hidden, None, None)
 
         hidden = th.empty_like(self.hidden)
         width = self.cache_mask.shape[1] + 1
@@ -119,8 +127,8 @@ class RolloutKVCache:
             mask = F.pad(self.cache_mask[rows], (0, 1), value=1)
             past = _make_cache([(k[rows], v[rows]) for k, v in self.layers])
             position_ids = (attention_mask[rows].sum(dim=1, keepdim=True) - 1).clamp(min=0)
-            hidden[rows], layers = self._run(input_ids[rows, new_last[rows]][:, None], mask, position_ids, past)
-            parts.append((rows, mask, layers))
+            hidden[rows], cache = self._run(input_ids[rows, new_last[rows]][:, None], mask, position_ids, past)
+            parts.append((rows, mask, _layers(cache)))
         if same.any():
             rows = same.nonzero().squeeze(1)
             hidden[rows] = self.hidden[rows]
@@ -144,7 +152,7 @@ class RolloutKVCache:
             for (mk, mv), (k, v) in zip(merged, layers):
                 mk[rows] = _left_pad(k, width, dim=2)
                 mv[rows] = _left_pad(v, width, dim=2)
-        self.cache_mask, self.layers = cache_mask, merged
+        self.cache_mask, self.layers, self.cache = cache_mask, merged, None
         return self._store(input_ids, attention_mask, hidden, None, None)
 
     def _fresh(self, input_ids: th.Tensor, attention_mask: th.Tensor):
@@ -152,17 +160,18 @@ class RolloutKVCache:
         attended = mask.any(dim=0).nonzero()
         ids, mask = ids[:, int(attended.min()) :], mask[:, int(attended.min()) :]
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        hidden, layers = self._run(ids, mask, position_ids)
-        return hidden, mask, layers
+        hidden, cache = self._run(ids, mask, position_ids)
+        return hidden, mask, _layers(cache)
 
     def _store(self, input_ids, attention_mask, hidden, cache_mask, layers) -> th.Tensor:
         if cache_mask is not None:
-            self.cache_mask, self.layers = cache_mask, layers
+            self.cache_mask, self.layers, self.cache = cache_mask, layers, None
         # drop the leading columns that no row attends to any more (finished episodes)
         attended = self.cache_mask.any(dim=0).nonzero()
         start = int(attended.min()) if len(attended) else 0
         if start > 0:
             self.cache_mask = self.cache_mask[:, start:]
             self.layers = [(k[:, :, start:], v[:, :, start:]) for k, v in self.layers]
+            self.cache = None
         self.input_ids, self.obs_mask, self.hidden = input_ids.clone(), attention_mask.clone(), hidden
         return hidden
