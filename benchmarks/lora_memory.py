@@ -19,21 +19,14 @@ import time
 
 def run_variant(model: str, lora: bool, iterations: int, n_envs: int, max_new_tokens: int) -> dict:
     import torch as th
+    from _common import make_env
     from stable_baselines3 import PPO
-    from stable_baselines3.common.env_util import make_vec_env
 
     import sb3_textrl
     from sb3_textrl.buffers import EpisodeRolloutBuffer
-    from sb3_textrl.cli import packaged_prompts, read_prompts
 
     th.manual_seed(0)
-    prompts = read_prompts(packaged_prompts("prompts_train.txt"), "--prompts")
-    env = make_vec_env(
-        "sb3_textrl/TextGeneration-v0",
-        n_envs=n_envs,
-        seed=0,
-        env_kwargs=dict(model_name_or_path=model, prompts=prompts, max_new_tokens=max_new_tokens, render_mode=None),
-    )
+    env = make_env(model, n_envs, max_new_tokens)
     policy_kwargs = {}
     if lora:
         policy_kwargs["lora_config"] = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])

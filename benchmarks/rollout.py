@@ -13,12 +13,10 @@ import argparse
 import time
 
 import torch as th
+from _common import make_env
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
-from stable_baselines3.common.env_util import make_vec_env
 
-import sb3_textrl  # noqa: F401
-from sb3_textrl.cli import packaged_prompts, read_prompts
 from sb3_textrl.envs.text_generation import encode_prompt
 from sb3_textrl.evaluation import generate_tokens
 from sb3_textrl.loading import eos_token_ids
@@ -59,13 +57,8 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true", help="do not time the uncached policy (slow)")
     args = parser.parse_args()
     th.manual_seed(0)
-    prompts = read_prompts(packaged_prompts("prompts_train.txt"), "--prompts")[: args.n_envs]
-    env = make_vec_env(
-        "sb3_textrl/TextGeneration-v0",
-        n_envs=args.n_envs,
-        seed=0,
-        env_kwargs=dict(model_name_or_path=args.model, prompts=prompts, max_new_tokens=args.max_new_tokens, render_mode=None),
-    )
+    env = make_env(args.model, args.n_envs, args.max_new_tokens, n_prompts=args.n_envs)
+    prompts = env.get_attr("prompts")[0]
     model = PPO("LMPolicy", env, n_steps=args.max_new_tokens, batch_size=args.max_new_tokens, seed=0)
     model._setup_learn(total_timesteps=10**9)
     model.policy.set_training_mode(False)

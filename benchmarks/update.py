@@ -12,13 +12,11 @@ import resource
 import time
 
 import torch as th
+from _common import make_env
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
-from stable_baselines3.common.env_util import make_vec_env
 
-import sb3_textrl  # noqa: F401
 from sb3_textrl.buffers import EpisodeRolloutBuffer
-from sb3_textrl.cli import packaged_prompts, read_prompts
 from sb3_textrl.policies import last_token_index
 
 
@@ -65,13 +63,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    prompts = read_prompts(packaged_prompts("prompts_train.txt"), "--prompts")
-    env = make_vec_env(
-        "sb3_textrl/TextGeneration-v0",
-        n_envs=args.n_envs,
-        seed=0,
-        env_kwargs=dict(model_name_or_path=args.model, prompts=prompts, max_new_tokens=args.max_new_tokens, render_mode=None),
-    )
+    env = make_env(args.model, args.n_envs, args.max_new_tokens)
     model = PPO(
         "LMPolicy",
         env,
