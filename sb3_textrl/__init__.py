@@ -5,13 +5,17 @@ by name in PPO, A2C, REINFORCE and (when sb3-contrib is installed) TRPO.
 """
 
 from sb3_textrl import envs  # noqa: F401  (registers the environments)
-from sb3_textrl.callbacks import KLPenaltyCallback
+from sb3_textrl.buffers import EpisodeRolloutBuffer
+from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
+from sb3_textrl.checkpoints import AtomicCheckpointCallback, load_checkpoint, load_model
 from sb3_textrl.kl import AdaptiveKLController, FixedKLController
 from sb3_textrl.policies import CausalLMActorCriticPolicy, LMPolicy
 from sb3_textrl.registration import register_policy_alias
 from sb3_textrl.reinforce import REINFORCE
 from sb3_textrl.rewards import get_reward_fn
 from sb3_textrl.spaces import TokenObservationSpace
+from sb3_textrl.validation import check_lm_setup
+from sb3_textrl.vec_env import make_text_vec_env
 from sb3_textrl.version import __version__
 
 register_policy_alias()
@@ -19,11 +23,18 @@ register_policy_alias()
 __all__ = [
     "REINFORCE",
     "AdaptiveKLController",
+    "AtomicCheckpointCallback",
     "CausalLMActorCriticPolicy",
+    "EpisodeRolloutBuffer",
     "FixedKLController",
     "KLPenaltyCallback",
     "LMPolicy",
+    "RolloutHistoryCallback",
     "TokenObservationSpace",
     "__version__",
+    "check_lm_setup",
     "get_reward_fn",
+    "load_checkpoint",
+    "load_model",
+    "make_text_vec_env",
 ]

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from sb3_textrl.kv_cache import RolloutKVCache
 from sb3_textrl.loading import load_causal_lm, load_tokenizer
+from sb3_textrl.validation import check_same_lm
 
 # bound on the elements of the (chunk, batch, length) comparison that finds shared prefixes
 _COVER_CHUNK_ELEMENTS = 1 << 24
@@ -114,7 +115,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
     :param kwargs: the other keyword arguments of ``ActorCriticPolicy`` (``optimizer_class``, ``optimizer_kwargs``, ...;
         Adam and AdamW default to ``dict(eps=1e-5, fused=True)``);
         ``net_arch`` and ``activation_fn`` are ignored (there is no MLP)
-    :raises ValueError: if no LM is named, or the LM's logits width differs from ``action_space.n``
+    :raises ValueError: if no LM is named, the LM's logits width differs from ``action_space.n``, or the environment
+        was built for an LM with another tokenizer
     :raises FloatingPointError: if the LM produces NaN or infinite logits (they never reach the sampler)
     """
 
@@ -135,8 +137,9 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             raise ValueError(f"LMPolicy needs a Discrete action space of token ids, got {action_space}.")
         if kwargs.get("use_sde"):
             raise ValueError("`use_sde=True` is for continuous actions; LMPolicy's actions are token ids.")
+        env_model = getattr(observation_space, "model_name_or_path", None)
         if model_name_or_path is None:
-            model_name_or_path = getattr(observation_space, "model_name_or_path", None)
+            model_name_or_path = env_model
         if model_name_or_path is None:
             raise ValueError(
                 "LMPolicy does not know which LM to use: pass policy_kwargs=dict(model_name_or_path=...) "
@@ -148,6 +151,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
                 f"got {type(model_name_or_path).__name__}."
             )
         self.model_name_or_path = os.fspath(model_name_or_path)
+        if env_model is not None:
+            check_same_lm(env_model, self.model_name_or_path)  # same width, other vocabulary: refuse too
         self.model_kwargs = dict(model_kwargs or {})
         self.use_reference_model = use_reference_model
         self.use_kv_cache = use_kv_cache

@@ -391,9 +391,11 @@ def test_env_and_policy_built_for_different_lms(tiny_llama_path, tiny_gpt2_path)
     from sb3_textrl.validation import check_lm_setup, check_same_lm
 
     env = make_env(tiny_llama_path)
-    # same logits width (300), so the policy builds: only the tokenizers tell the LMs apart
-    model = PPO("LMPolicy", env, n_steps=4, batch_size=4, policy_kwargs=dict(model_name_or_path=tiny_gpt2_path))
+    # same logits width (300): only the tokenizers tell the LMs apart; the policy refuses when it is built
     with pytest.raises(ValueError, match="tokenizers differ") as error:
-        check_lm_setup(model)
+        PPO("LMPolicy", env, n_steps=4, batch_size=4, policy_kwargs=dict(model_name_or_path=tiny_gpt2_path))
     assert tiny_llama_path in str(error.value) and tiny_gpt2_path in str(error.value)
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        check_same_lm(tiny_llama_path, tiny_gpt2_path)
     check_same_lm(tiny_llama_path, tiny_llama_path)
+    check_lm_setup(PPO("LMPolicy", env, n_steps=4, batch_size=4))

@@ -17,6 +17,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecNormalize
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sb3_textrl.buffers import EpisodeRolloutBuffer
 from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
@@ -276,9 +277,15 @@ def test_saved_model_whose_lm_moved(tiny_llama_path, tiny_gpt2_path, tmp_path):
     assert moved.policy.model_name_or_path == tiny_llama_path
     assert moved.observation_space.model_name_or_path == tiny_llama_path
     assert_same_weights(weights(moved), weights(model))
-    # an LM of the same vocabulary size but another architecture: the saved weights do not fit it
-    with pytest.raises(ValueError, match="do not fit"):
+    # an LM with another tokenizer: refused before any weight is loaded
+    with pytest.raises(ValueError, match="tokenizers differ"):
         load_model(saved, model_name_or_path=tiny_gpt2_path)
+    # the same tokenizer but another architecture: the saved weights do not fit it
+    other_architecture = str(tmp_path / "gpt2_with_llama_tokenizer")
+    AutoModelForCausalLM.from_pretrained(tiny_gpt2_path).save_pretrained(other_architecture)
+    AutoTokenizer.from_pretrained(tiny_llama_path).save_pretrained(other_architecture)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_model(saved, model_name_or_path=other_architecture)
 
 
 # --- the CLI ------------------------------------------------------------------------------------------------------------

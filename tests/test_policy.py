@@ -9,7 +9,7 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
-from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import sb3_textrl
 from sb3_textrl.policies import CausalLMActorCriticPolicy, LMPolicy, covering_rows
@@ -219,7 +219,7 @@ def test_value_head_starts_at_zero(tiny_lm_path):
         assert not policy.evaluate_actions(obs, actions)[0].any()
 
 
-def test_model_from_env_or_policy_kwargs(tiny_llama_path, tiny_gpt2_path):
+def test_model_from_env_or_policy_kwargs(tiny_llama_path, tiny_gpt2_path, tmp_path):
     env = make_env(tiny_llama_path)
     model = PPO("LMPolicy", env, n_steps=8, batch_size=8)
     assert model.policy.model_name_or_path == tiny_llama_path
@@ -227,12 +227,21 @@ def test_model_from_env_or_policy_kwargs(tiny_llama_path, tiny_gpt2_path):
     loaded = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
     for p, q in zip(model.policy.lm.parameters(), loaded.parameters()):
         assert th.equal(p, q)
-    # both tiny LMs have 300 logits: the GPT-2 one can act in the Llama-tokenized env
-    model = PPO("LMPolicy", env, n_steps=8, batch_size=8, policy_kwargs=dict(model_name_or_path=tiny_gpt2_path))
-    assert model.policy.model_name_or_path == tiny_gpt2_path
-    assert isinstance(model.policy.lm, GPT2LMHeadModel)
-    assert isinstance(model.policy.reference_model, GPT2LMHeadModel)
+    # another LM with the same tokenizer (e.g. a fine-tuned export) overrides the env's
+    other = str(tmp_path / "other")
+    with th.no_grad():
+        for p in loaded.parameters():
+            p.add_(0.01)
+    loaded.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_llama_path).save_pretrained(other)
+    model = PPO("LMPolicy", env, n_steps=8, batch_size=8, policy_kwargs=dict(model_name_or_path=other))
+    assert model.policy.model_name_or_path == other
+    assert th.equal(next(model.policy.lm.parameters()), next(loaded.parameters()))
+    assert th.equal(next(model.policy.reference_model.parameters()), next(loaded.parameters()))
     model.learn(8)
+    # both tiny LMs have 300 logits, but the GPT-2 one has another tokenizer: the same ids would mean other text
+    with pytest.raises(ValueError, match=r"model_name_or_path.*tokenizers differ"):
+        PPO("LMPolicy", env, n_steps=8, batch_size=8, policy_kwargs=dict(model_name_or_path=tiny_gpt2_path))
 
 
 def test_no_model_name(tiny_llama_path):
