@@ -8,6 +8,7 @@ from sb3_textrl import envs  # noqa: F401  (registers the environments)
 from sb3_textrl.buffers import EpisodeRolloutBuffer
 from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
 from sb3_textrl.checkpoints import AtomicCheckpointCallback, load_checkpoint, load_model
+from sb3_textrl.eval_callback import LMEvalCallback
 from sb3_textrl.kl import AdaptiveKLController, FixedKLController
 from sb3_textrl.policies import CausalLMActorCriticPolicy, LMPolicy
 from sb3_textrl.registration import register_policy_alias
@@ -28,6 +29,7 @@ __all__ = [
     "EpisodeRolloutBuffer",
     "FixedKLController",
     "KLPenaltyCallback",
+    "LMEvalCallback",
     "LMPolicy",
     "RolloutHistoryCallback",
     "TokenObservationSpace",

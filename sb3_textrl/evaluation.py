@@ -84,14 +84,29 @@ def sequence_log_prob(
     return np.asarray(totals)
 
 
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """
+    Distinct-n: unique word n-grams over all word n-grams of the texts (Li et al. 2016,
+    https://arxiv.org/abs/1510.03055), in [0, 1]; ``nan`` when the texts hold no n-gram.
+    """
+    ngrams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(ngrams)) / len(ngrams) if ngrams else float("nan")
+
+
 @dataclass
 class EvaluationResult:
-    """Mean scores on held-out prompts, the mean KL to the reference model, and sample completions."""
+    """
+    Held-out evaluation: mean scores (greedy, sampled), KL to the reference model (nats per completion), perplexity of
+    the sampled completions under the reference model, distinct-1/2 of the sampled completions, and samples.
+    """
 
     reward_greedy: float
     reward_sampled: float
     kl: float
     samples: list[dict[str, str | float]] = field(default_factory=list)
+    ref_perplexity: float = float("nan")
+    distinct_1: float = float("nan")
+    distinct_2: float = float("nan")
 
 
 def evaluate_prompts(
@@ -115,8 +130,9 @@ def evaluate_prompts(
     :param max_new_tokens: completion length limit
     :param n_samples: sampled completions per prompt (the greedy one is unique)
     :return: mean greedy reward, mean sampled reward, mean KL (nats per completion, k1 estimate over the sampled
-        completions: sum of ``log pi - log pi_ref``; ``nan`` without reference model) and, for each prompt, its greedy
-        and first sampled completion with their scores
+        completions: sum of ``log pi - log pi_ref``; ``nan`` without reference model), the perplexity of the sampled
+        completions under the reference model (``exp`` of minus the mean token log-probability), their distinct-1 and
+        distinct-2, and, for each prompt, its greedy and first sampled completion with their scores
     """
     reward_fn = get_reward_fn(reward_fn, reward_kwargs)
     if is_per_token(reward_fn):
@@ -127,6 +143,7 @@ def evaluate_prompts(
     pad = int(tokenizer.pad_token_id)
     encoded = [encode_prompt(tokenizer, p, use_chat_template, system_prompt) for p in prompts]
     greedy_scores, sampled_scores, kls = [], [], []
+    ref_total, n_tokens, sampled_texts = 0.0, 0, []
     samples: list[dict[str, str | float]] = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts = list(prompts[start : start + batch_size])
@@ -141,11 +158,14 @@ def evaluate_prompts(
             sampled_text = [tokenizer.decode(c, skip_special_tokens=True) for c in sampled]
             scores = score_completions(reward_fn, batch_prompts, sampled_text)
             sampled_scores += scores
+            sampled_texts += sampled_text
             if policy.reference_model is not None:
                 with policy.reference_context():
                     ref_log_prob = sequence_log_prob(policy.reference_model, batch_ids, sampled, pad)
                 kl = sequence_log_prob(policy.lm, batch_ids, sampled, pad) - ref_log_prob
                 kls += kl.tolist()
+                ref_total += float(ref_log_prob.sum())
+                n_tokens += sum(len(c) for c in sampled)
             if k == 0:
                 first_sampled = list(zip(sampled_text, scores))
         for prompt, g_text, g_score, (s_text, s_score) in zip(batch_prompts, greedy_text, greedy_batch, first_sampled):
@@ -157,4 +177,7 @@ def evaluate_prompts(
         reward_sampled=float(np.mean(sampled_scores)),
         kl=float(np.mean(kls)) if kls else float("nan"),
         samples=samples,
+        ref_perplexity=float(np.exp(-ref_total / n_tokens)) if n_tokens else float("nan"),
+        distinct_1=distinct_n(sampled_texts, 1),
+        distinct_2=distinct_n(sampled_texts, 2),
     )
