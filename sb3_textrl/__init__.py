@@ -4,6 +4,8 @@ Importing the package registers the ``sb3_textrl/`` Gymnasium environments and m
 by name in PPO, A2C, REINFORCE and (when sb3-contrib is installed) TRPO.
 """
 
+import sys
+
 from sb3_textrl import envs  # noqa: F401  (registers the environments)
 from sb3_textrl.buffers import EpisodeRolloutBuffer
 from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
@@ -20,6 +22,9 @@ from sb3_textrl.vec_env import make_text_vec_env
 from sb3_textrl.version import __version__
 
 register_policy_alias()
+
+if "rl_zoo3.exp_manager" in sys.modules:  # inside an RL Zoo process (`--gym-packages sb3_textrl`): add its hooks
+    from sb3_textrl import zoo  # noqa: F401
 
 __all__ = [
     "REINFORCE",

