@@ -17,6 +17,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
 
 import sb3_textrl  # noqa: F401  (registers the env and the "LMPolicy" alias)
+from sb3_textrl import distributed
 from sb3_textrl.buffers import EpisodeRolloutBuffer
 from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
 from sb3_textrl.checkpoints import (
@@ -204,7 +205,7 @@ def check_resume_args(args: argparse.Namespace, saved: dict, train_prompts: list
             )
 
 
-def _stop_on_sigint(checkpoint: AtomicCheckpointCallback) -> Callable[[], None]:
+def _stop_on_sigint(checkpoint: AtomicCheckpointCallback | distributed.DistributedCallback) -> Callable[[], None]:
     """
     Make SIGINT ask ``checkpoint`` to stop training at the next step (a second SIGINT interrupts at once).
 
@@ -230,6 +231,11 @@ def train(args: argparse.Namespace) -> dict:
     """
     started = time.time()
     check_args(args)
+    # under torchrun with WORLD_SIZE > 1: one replica per rank, gradients averaged, rank 0 evaluates and saves
+    parallel = distributed.launched_distributed()
+    device = distributed.setup_distributed(args.device) if parallel else args.device
+    main_process = distributed.is_main_process()
+    seed = distributed.rank_seed(args.seed, args.n_envs)  # args.seed on rank 0
     train_prompts = read_prompts(args.prompts, "--prompts")
     eval_prompts = read_prompts(args.eval_prompts, "--eval-prompts")
     checkpoint_dir = os.path.join(args.output_dir, "checkpoints")
@@ -266,7 +272,7 @@ def train(args: argparse.Namespace) -> dict:
         render_mode=None,
     )
     # one reward call per step for all the episodes that end in it
-    env = make_text_vec_env(n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
+    env = make_text_vec_env(n_envs=args.n_envs, seed=seed, env_kwargs=env_kwargs)
     evaluate = dict(reward_fn=args.reward, reward_kwargs=args.reward_kwargs)
     evaluate.update(max_new_tokens=args.max_new_tokens, n_samples=args.eval_samples)
     if saved is not None:
@@ -274,11 +280,13 @@ def train(args: argparse.Namespace) -> dict:
             resume_from,
             env=env,
             callbacks=[kl_callback, history],
-            device=args.device,
+            device=device,
             model_name_or_path=args.model,
             learning_rate=args.learning_rate,  # may be lowered to get past a divergence
         )
         check_lm_setup(model)
+        if not main_process:
+            distributed.reseed_replica(model, seed + model.num_timesteps)  # the checkpoint holds rank 0's streams
         before = EvaluationResult(**saved["before"])
         print(f"Resuming {resume_from} at {model.num_timesteps} timesteps.", flush=True)
     else:
@@ -296,20 +304,30 @@ def train(args: argparse.Namespace) -> dict:
             ent_coef=args.ent_coef,
             max_grad_norm=args.max_grad_norm,
             rollout_buffer_class=EpisodeRolloutBuffer,
-            seed=args.seed,
-            device=args.device,
-            verbose=args.verbose,
+            seed=seed,
+            device=device,
+            verbose=args.verbose if main_process else 0,
         )
         check_lm_setup(model)
+    distributed.prepare_model(model)  # no-op in one process
+    if saved is None and main_process:
         print(
             f"Model loaded in {time.time() - started:.0f} s; evaluating {len(eval_prompts)} held-out prompts ...", flush=True
         )
         before = evaluate_prompts(model.policy, eval_prompts, **evaluate)
-    print(f"Evaluated in {time.time() - started:.0f} s (since start); training ...", flush=True)
+    elif saved is None:
+        before = None  # rank 0 evaluates
+    if main_process:
+        print(f"Evaluated in {time.time() - started:.0f} s (since start); training ...", flush=True)
 
     run_args = {name: getattr(args, name) for name in (*RESUME_FIXED_ARGS, "model", "total_timesteps", "learning_rate")}
     run_args["checkpoint_every"] = checkpoint_every
-    extra_state = {"args": run_args, "prompts": train_prompts, "eval_prompts": eval_prompts, "before": before.__dict__}
+    extra_state = {
+        "args": run_args,
+        "prompts": train_prompts,
+        "eval_prompts": eval_prompts,
+        "before": before.__dict__ if before else None,
+    }
     checkpoint = AtomicCheckpointCallback(
         checkpoint_every,
         checkpoint_dir,
@@ -317,13 +335,17 @@ def train(args: argparse.Namespace) -> dict:
         extra_state=extra_state,
         keep_last=args.keep_checkpoints,
     )
+    callbacks = [kl_callback, history, checkpoint]
+    if parallel:  # all ranks stop together (SIGINT on any); rank 0 alone checkpoints
+        sync = distributed.DistributedCallback(kl_callback, history, stop_callback=checkpoint)
+        callbacks[2:] = [sync, checkpoint] if main_process else [sync]
     train_started = time.time()
-    restore_sigint = _stop_on_sigint(checkpoint)
+    restore_sigint = _stop_on_sigint(sync if parallel else checkpoint)
     try:
         model.learn(
             max(0, args.total_timesteps - model.num_timesteps),
-            callback=CallbackList([kl_callback, history, checkpoint]),
-            progress_bar=not args.no_progress_bar,
+            callback=CallbackList(callbacks),
+            progress_bar=not args.no_progress_bar and main_process,
             reset_num_timesteps=saved is None,
         )
     except FloatingPointError as error:  # NaN/inf logits or weights: say when, and where to resume from
@@ -334,9 +356,18 @@ def train(args: argparse.Namespace) -> dict:
     finally:
         restore_sigint()
     train_seconds = time.time() - train_started
-    if checkpoint.stopped:
-        path = checkpoint.save_last_boundary()
+    stopped = sync.stopped if parallel else checkpoint.stopped
+    if stopped:
+        path = checkpoint.save_last_boundary() if main_process else None
+        distributed.barrier()
+        if path is None:
+            raise TrainingInterrupted("(written by rank 0)", model.num_timesteps)
         raise TrainingInterrupted(path, read_resume_state(path)["model"]["num_timesteps"])
+    if parallel:
+        distributed.check_in_sync(model.policy)
+    if not main_process:
+        distributed.barrier()  # while rank 0 evaluates and saves
+        return {}
 
     after = evaluate_prompts(model.policy, eval_prompts, **evaluate)
     print(format_table(before, after, len(eval_prompts)), flush=True)
@@ -362,6 +393,7 @@ def train(args: argparse.Namespace) -> dict:
         f"Wrote {model_path}, {export_dir}/, {curves} and results.json.",
         flush=True,
     )
+    distributed.barrier()
     return results
 
 
@@ -384,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        distributed.cleanup_distributed()
     return 0
 
 

@@ -1,0 +1,193 @@
+"""Data-parallel training (``sb3_textrl.distributed``): 2 ranks on CPU with gloo, spawned with torch.multiprocessing."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import numpy as np
+import pytest
+import torch as th
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from gymnasium import spaces
+
+from sb3_textrl import distributed
+from sb3_textrl.distributed import DistributedEpisodeRolloutBuffer, GradientAverager, split_minibatches
+
+WORLD_SIZE = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(worker, tmp_path, *args) -> None:
+    """Run ``worker(rank, tmp_path, *args)`` in 2 processes joined like torchrun would join them."""
+    port = _free_port()
+    mp.spawn(_entry, args=(worker, str(tmp_path), port, args), nprocs=WORLD_SIZE, join=True)
+    errors = [p for p in sorted(os.listdir(tmp_path)) if p.startswith("error-")]
+    assert not errors, "\n".join(open(os.path.join(tmp_path, p)).read() for p in errors)
+
+
+def _entry(rank: int, worker, tmp_path: str, port: int, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    th.set_num_threads(1)
+    try:
+        worker(rank, tmp_path, *args)
+    except BaseException:
+        with open(os.path.join(tmp_path, f"error-{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        distributed.cleanup_distributed()
+
+
+def test_split_minibatches():
+    episodes = [np.arange(0, 4), np.arange(4, 5), np.arange(5, 8)]
+    batches = split_minibatches([episodes], 3)
+    assert len(batches) == 3 and all(len(b) > 0 for b in batches)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(8))
+    # one long episode is cut in the middle
+    assert [len(b) for b in split_minibatches([[np.arange(6)]], 2)] == [3, 3]
+    with pytest.raises(ValueError, match="Cannot make"):
+        split_minibatches([[np.arange(2)]], 3)
+
+
+def _check_buffer(rank: int, tmp_path: str) -> None:
+    """Episodes of other lengths on each rank: equal minibatch counts, and every backward averages the gradients."""
+    n_steps, n_envs = 8, 2
+    obs_space = spaces.Dict({"input_ids": spaces.Box(0, 9, (4,), np.int64)})
+    buffer = DistributedEpisodeRolloutBuffer(n_steps, obs_space, spaces.Discrete(10), n_envs=n_envs)
+    buffer.reset()
+    # rank 0: 2 episodes of 8 steps (2 minibatches); rank 1: 8 episodes of 2 steps, as when EOS comes early (4 minibatches)
+    starts = np.zeros((n_steps, n_envs), dtype=np.float32)
+    if rank == 1:
+        starts[::2] = 1
+    for t in range(n_steps):
+        obs = {"input_ids": np.zeros((n_envs, 4))}
+        buffer.add(obs, np.zeros((n_envs, 1)), np.zeros(n_envs), starts[t], th.zeros(n_envs), th.zeros(n_envs))
+    buffer.compute_returns_and_advantage(th.zeros(n_envs), np.zeros(n_envs))
+    module = th.nn.Linear(3, 1)
+    distributed.broadcast_module(module)
+    averager = GradientAverager(module.parameters())
+    counts, n_samples = [], 0
+    for _ in range(2):  # epochs
+        counts.append(0)
+        for batch in buffer.get(batch_size=4):
+            counts[-1] += 1
+            n_samples += len(batch.actions)
+            module.zero_grad()
+            module(th.full((1, 3), float(rank + 1))).sum().backward()  # a collective: deadlocks if the counts differ
+            # the mean over the ranks of d(w . x)/dw = x, with x = 1 and 2
+            assert th.allclose(module.weight.grad, th.full((1, 3), 1.5)), module.weight.grad
+    averager.remove()
+    assert averager.n_reductions == sum(counts) and n_samples == 2 * n_steps * n_envs
+    np.save(os.path.join(tmp_path, f"counts-{rank}.npy"), np.array(counts))
+
+
+def _check_stop(rank: int, tmp_path: str, model_path: str) -> None:
+    """A stop requested on rank 1 alone (as SIGINT would) stops both ranks at the same step; rank 0 checkpoints."""
+    from sb3_textrl import cli
+
+    on_rollout_start = distributed.DistributedCallback._on_rollout_start
+
+    def stop_on_rank_1(self):
+        on_rollout_start(self)
+        if rank == 1 and self.num_timesteps >= 32:
+            self.request_stop()
+
+    distributed.DistributedCallback._on_rollout_start = stop_on_rank_1
+    argv = ["train", "--model", model_path, "--total-timesteps", "320", "--n-envs", "2", "--n-steps", "8"]
+    argv += ["--batch-size", "8", "--max-new-tokens", "4", "--eval-samples", "1", "--no-progress-bar"]
+    try:
+        with pytest.raises(cli.TrainingInterrupted) as stop:
+            cli.train(cli.build_parser().parse_args([*argv, "--output-dir", os.path.join(tmp_path, "stopped")]))
+    finally:
+        distributed.DistributedCallback._on_rollout_start = on_rollout_start
+    np.save(os.path.join(tmp_path, f"stopped-{rank}.npy"), np.array(stop.value.num_timesteps))
+
+
+def _worker(rank: int, tmp_path: str, model_path: str) -> None:
+    from sb3_textrl import cli
+
+    distributed.setup_distributed("cpu")
+    _check_buffer(rank, tmp_path)
+    _check_stop(rank, tmp_path, model_path)
+
+    check_in_sync, on_rollout_end = distributed.check_in_sync, distributed.DistributedCallback._on_rollout_end
+    kl_coefs = []
+
+    def save_then_check(module):  # every rank's final weights, for the test to compare
+        th.save({k: v.clone() for k, v in module.state_dict().items()}, os.path.join(tmp_path, f"weights-{rank}.pt"))
+        check_in_sync(module)
+
+    def record_kl_coef(self):
+        on_rollout_end(self)
+        kl_coefs.append(self.kl_callback.kl_coef)
+        np.save(os.path.join(tmp_path, f"actions-{rank}.npy"), self.model.rollout_buffer.actions)
+
+    distributed.check_in_sync = save_then_check
+    distributed.DistributedCallback._on_rollout_end = record_kl_coef
+    argv = ["train", "--model", model_path, "--total-timesteps", "32", "--n-envs", "2", "--n-steps", "8"]
+    argv += ["--batch-size", "8", "--max-new-tokens", "4", "--eval-samples", "1", "--learning-rate", "1e-3"]
+    argv += ["--kl-target", "0.01", "--kl-horizon", "10", "--no-progress-bar", "--output-dir", os.path.join(tmp_path, "run")]
+    assert cli.main(argv) == 0
+    np.save(os.path.join(tmp_path, f"kl_coefs-{rank}.npy"), np.array(kl_coefs))
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, tiny_llama_path):
+    """One 2-rank run (spawning costs ~20 s): the buffer check, then ``sb3-textrl train`` for 2 PPO iterations."""
+    tmp_path = tmp_path_factory.mktemp("distributed")
+    _spawn(_worker, tmp_path, tiny_llama_path)
+    return tmp_path
+
+
+def test_equal_minibatch_counts_and_averaged_gradients(two_rank_run):
+    counts = [np.load(two_rank_run / f"counts-{rank}.npy") for rank in range(WORLD_SIZE)]
+    np.testing.assert_array_equal(counts[0], [4, 4])  # rank 0 split its 2 episodes into 4 minibatches
+    np.testing.assert_array_equal(counts[1], [4, 4])
+
+
+def test_two_ranks_train_identically(two_rank_run, tiny_llama_path):
+    from stable_baselines3 import PPO
+    from transformers import AutoModelForCausalLM
+
+    tmp_path = two_rank_run
+    weights = [th.load(tmp_path / f"weights-{rank}.pt") for rank in range(WORLD_SIZE)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert th.equal(weights[0][name], weights[1][name]), name
+    start = AutoModelForCausalLM.from_pretrained(tiny_llama_path).state_dict()
+    changed = [k for k, v in start.items() if not th.equal(v, weights[0]["lm." + k])]
+    assert changed, "training did not change the LM"
+    # rank 0 saved; the model loads in one process, with the trained weights
+    assert sorted(os.listdir(tmp_path / "run")) == ["curves.png", "model.zip", "pretrained", "results.json"]
+    model = PPO.load(tmp_path / "run" / "model.zip", device="cpu")
+    for name, value in model.policy.state_dict().items():
+        assert th.equal(value, weights[0][name]), name
+    assert not dist.is_initialized()
+
+
+def test_stop_on_one_rank_stops_all(two_rank_run):
+    assert int(np.load(two_rank_run / "stopped-0.npy")) == 32  # the last rollout boundary
+    assert int(np.load(two_rank_run / "stopped-1.npy")) >= 32
+    assert os.listdir(two_rank_run / "stopped" / "checkpoints") == ["rl_model_32_steps.zip"]
+
+
+def test_kl_coef_identical_across_ranks(two_rank_run):
+    kl_coefs = [np.load(two_rank_run / f"kl_coefs-{rank}.npy") for rank in range(WORLD_SIZE)]
+    assert len(kl_coefs[0]) == 2
+    np.testing.assert_array_equal(kl_coefs[0], kl_coefs[1])
+    assert kl_coefs[0][0] != 0.05  # the adaptive controller moved it
+
+
+def test_ranks_sample_different_episodes(two_rank_run):
+    actions = [np.load(two_rank_run / f"actions-{rank}.npy") for rank in range(WORLD_SIZE)]
+    assert actions[0].shape == actions[1].shape and not np.array_equal(actions[0], actions[1])
