@@ -27,6 +27,7 @@ from sb3_textrl.checkpoints import (
     load_checkpoint,
     read_resume_state,
 )
+from sb3_textrl.eval_callback import LMEvalCallback
 from sb3_textrl.evaluation import EvaluationResult, evaluate_prompts
 from sb3_textrl.kl import AdaptiveKLController
 from sb3_textrl.plotting import plot_rollout_history
@@ -127,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ent-coef", type=float, default=0.0, help="entropy bonus coefficient")
     train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient norm clipping")
     train.add_argument("--eval-samples", type=int, default=2, help="sampled completions per held-out prompt")
+    train.add_argument(
+        "--eval-every",
+        type=int,
+        default=10,
+        help="also evaluate the held-out prompts every N rollouts during training (one sample per prompt; eval/ keys, "
+        "OUTPUT_DIR/eval/samples.md and eval_curves.png); 0 disables",
+    )
     train.add_argument("--seed", type=int, default=0, help="random seed")
     train.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
     train.add_argument("--output-dir", default="runs/main", help="folder for model.zip, pretrained/, curves.png, results.json")
@@ -184,6 +192,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--learning-rate` must be > 0, got {args.learning_rate}.")
     if args.checkpoint_every is not None and args.checkpoint_every < 0:
         raise ValueError(f"`--checkpoint-every` (rollouts) must be >= 0, got {args.checkpoint_every}; 0 saves only on SIGINT.")
+    if args.eval_every < 0:
+        raise ValueError(f"`--eval-every` (rollouts) must be >= 0, got {args.eval_every}; 0 disables it.")
     n_steps = args.n_steps or args.max_new_tokens
     check_rollout_size(n_steps, args.n_envs, args.batch_size, names=("--n-steps", "--n-envs", "--batch-size"))
 
@@ -339,6 +349,12 @@ def train(args: argparse.Namespace) -> dict:
     if parallel:  # all ranks stop together (SIGINT on any); rank 0 alone checkpoints
         sync = distributed.DistributedCallback(kl_callback, history, stop_callback=checkpoint)
         callbacks[2:] = [sync, checkpoint] if main_process else [sync]
+    eval_callback = None
+    if args.eval_every > 0 and main_process:  # its results restart after a resume (they are not checkpointed)
+        eval_kwargs = {**evaluate, "n_samples": 1}
+        eval_dir = os.path.join(args.output_dir, "eval")
+        eval_callback = LMEvalCallback(eval_prompts, args.eval_every, log_path=eval_dir, **eval_kwargs)
+        callbacks.append(eval_callback)
     train_started = time.time()
     restore_sigint = _stop_on_sigint(sync if parallel else checkpoint)
     try:
@@ -381,6 +397,7 @@ def train(args: argparse.Namespace) -> dict:
         "before": before.__dict__,
         "after": after.__dict__,
         "history": history.history,
+        "evaluations": eval_callback.results if eval_callback is not None else [],
         "iterations": len(history.history),
         "resumed_from": resume_from if saved is not None else None,
         "train_seconds": train_seconds,

@@ -106,3 +106,19 @@ def test_train_errors(tiny_llama_path, tmp_path, capsys):
     missing = str(tmp_path / "nope.txt")
     assert main(["train", "--model", tiny_llama_path, "--eval-prompts", missing, "--output-dir", str(tmp_path)]) == 2
     assert "--eval-prompts" in capsys.readouterr().err
+
+
+def test_train_evaluates_during_training(tiny_llama_path, tmp_path, capsys):
+    """--eval-every N runs LMEvalCallback every N rollouts: results.json and OUTPUT_DIR/eval get its results."""
+    out = tmp_path / "run"
+    code = main(
+        ["train", "--model", tiny_llama_path, "--total-timesteps", "96", "--n-envs", "2", "--n-steps", "16",
+         "--batch-size", "16", "--max-new-tokens", "4", "--eval-samples", "1", "--eval-every", "1",
+         "--no-progress-bar", "--output-dir", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [e["timesteps"] for e in results["evaluations"]] == [32.0, 64.0, 96.0]
+    assert (out / "eval" / "eval_curves.png").is_file() and (out / "eval" / "samples.md").is_file()
+    assert main(["train", "--model", tiny_llama_path, "--eval-every", "-1", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--eval-every" in capsys.readouterr().err
