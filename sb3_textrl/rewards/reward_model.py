@@ -6,7 +6,7 @@ import os
 
 import torch as th
 
-from sb3_textrl.rewards._models import ModelBackedReward, load_pretrained, resolve_device
+from sb3_textrl.rewards._models import ModelBackedReward, check_batching, load_pretrained, resolve_device
 
 REWARD_MODEL_OUTPUTS = ("logit", "probability", "log_probability")
 
@@ -66,10 +66,7 @@ class SequenceClassifierReward(ModelBackedReward):
         )
         if output not in REWARD_MODEL_OUTPUTS:
             raise ValueError(f"Unknown `output={output!r}`: use one of {REWARD_MODEL_OUTPUTS}.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
-            raise ValueError(f"`max_length` must be an integer of at least 2 (or None), got {max_length!r}.")
+        check_batching(batch_size, max_length)
         self.device = resolve_device(device)
         self.model, self.tokenizer = load_pretrained("AutoModelForSequenceClassification", model_name_or_path, self.device)
         if getattr(self.model.config, "pad_token_id", None) is None:  # needed to find the last token of right-padded rows
