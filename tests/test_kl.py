@@ -114,3 +114,37 @@ def test_logged_keys(tiny_llama_path):
         assert key in seen
     assert seen["train/kl_coef"] == 0.2
     assert seen["rollout/penalized_return"] == pytest.approx(seen["rollout/score"] - 0.2 * seen["rollout/ref_kl"])
+
+
+def _kl_run(path: str, kl_coef) -> tuple[list[float], list[float]]:
+    env = make_vec_env(
+        "sb3_textrl/TextGeneration-v0",
+        n_envs=4,
+        seed=0,
+        env_kwargs=dict(
+            model_name_or_path=path,
+            prompts=["the sun is good", "rain"],
+            reward_fn=lambda p, c: [0.2 * x.count("e") for x in c],
+            max_new_tokens=6,
+            render_mode=None,
+        ),
+    )
+    model = PPO("LMPolicy", env, n_steps=12, batch_size=48, n_epochs=4, learning_rate=3e-3, seed=0,
+                rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
+    kl_callback = KLPenaltyCallback(kl_coef, estimator="k3")
+    history = RolloutHistoryCallback(kl_callback)
+    model.learn(48 * 40, callback=CallbackList([kl_callback, history]))
+    return [h["kl"] for h in history.history], [h["kl_coef"] for h in history.history]
+
+
+def test_adaptive_kl_restrains_a_runaway_kl(tiny_llama_path):
+    """
+    With a learning rate that makes the KL run away (to ~25 nats without penalty), the adaptive controller
+    (target 4 nats) raises its coefficient while the KL is above target and keeps the KL far lower.
+    """
+    free, _ = _kl_run(tiny_llama_path, 0.0)
+    adaptive, coefs = _kl_run(tiny_llama_path, AdaptiveKLController(kl_coef=0.5, target=4.0, horizon=16))
+    assert np.mean(free[-10:]) > 4 * 4.0  # the unpenalised run overshoots the target by far
+    assert np.mean(adaptive[-10:]) < 0.5 * np.mean(free[-10:])
+    above = [i for i in range(1, len(coefs)) if adaptive[i] > 4.0]
+    assert above and all(coefs[i] > coefs[i - 1] for i in above)  # the coefficient rises whenever KL > target
