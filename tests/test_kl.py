@@ -64,19 +64,14 @@ def test_callback_rejects_unknown_estimator():
         KLPenaltyCallback(0.1, estimator="k9")
 
 
+def _env(path: str, reward_fn, max_new_tokens: int):
+    env_kwargs = dict(model_name_or_path=path, prompts=["the sun is good", "rain"], reward_fn=reward_fn,
+                      max_new_tokens=max_new_tokens, render_mode=None)  # fmt: skip
+    return make_vec_env("sb3_textrl/TextGeneration-v0", n_envs=4, seed=0, env_kwargs=env_kwargs)
+
+
 def _model(path: str) -> PPO:
-    env = make_vec_env(
-        "sb3_textrl/TextGeneration-v0",
-        n_envs=4,
-        seed=0,
-        env_kwargs=dict(
-            model_name_or_path=path,
-            prompts=["the sun is good", "rain"],
-            reward_fn=lambda p, c: [float("good" in x) for x in c],
-            max_new_tokens=4,
-            render_mode=None,
-        ),
-    )
+    env = _env(path, lambda p, c: [float("good" in x) for x in c], max_new_tokens=4)
     return PPO("LMPolicy", env, n_steps=8, batch_size=32, n_epochs=4, learning_rate=3e-3, seed=0,
                rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
 
@@ -117,18 +112,7 @@ def test_logged_keys(tiny_llama_path):
 
 
 def _kl_run(path: str, kl_coef) -> tuple[list[float], list[float]]:
-    env = make_vec_env(
-        "sb3_textrl/TextGeneration-v0",
-        n_envs=4,
-        seed=0,
-        env_kwargs=dict(
-            model_name_or_path=path,
-            prompts=["the sun is good", "rain"],
-            reward_fn=lambda p, c: [0.2 * x.count("e") for x in c],
-            max_new_tokens=6,
-            render_mode=None,
-        ),
-    )
+    env = _env(path, lambda p, c: [0.2 * x.count("e") for x in c], max_new_tokens=6)
     model = PPO("LMPolicy", env, n_steps=12, batch_size=48, n_epochs=4, learning_rate=3e-3, seed=0,
                 rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
     kl_callback = KLPenaltyCallback(kl_coef, estimator="k3")
