@@ -17,7 +17,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
 
 from sb3_textrl.buffers import EpisodeRolloutBuffer
-from sb3_textrl.policies import last_token_index
+from sb3_textrl.token_masks import last_token_index, position_ids
 
 
 def peak_rss_gib() -> float:
@@ -43,7 +43,7 @@ def whole_sequence_pass(model: PPO) -> float:
     ids, mask, response = ids[:, cut], mask[:, cut], response[:, cut]
     policy.optimizer.zero_grad()
     start = time.perf_counter()
-    hidden = policy.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))[0]
+    hidden = policy.lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))[0]
     # logits only where a response token is predicted: from the last prompt token to the token before the last
     rows, cols = (response[:, 1:]).nonzero(as_tuple=True)
     logits = policy.lm.get_output_embeddings()(hidden[rows, cols]).float()

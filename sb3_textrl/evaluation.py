@@ -10,8 +10,10 @@ import torch as th
 from transformers import PreTrainedModel
 
 from sb3_textrl.envs.text_generation import encode_prompt
+from sb3_textrl.loading import eos_token_ids
 from sb3_textrl.policies import CausalLMActorCriticPolicy
 from sb3_textrl.rewards import RewardFn, get_reward_fn, is_per_token, score_completions
+from sb3_textrl.token_masks import position_ids
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[th.Tensor, th.Tensor]:
@@ -74,8 +76,8 @@ def sequence_log_prob(
     device = next(lm.parameters()).device
     input_ids, attention_mask = left_pad([list(p) + list(c) for p, c in zip(prompt_ids, completions)], pad_token_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    positions = position_ids(attention_mask)
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
     log_probs = th.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
     totals = []
     for row, completion in enumerate(completions):
@@ -139,7 +141,7 @@ def evaluate_prompts(
         raise ValueError("`reward_fn` is a per-token reward: evaluate_prompts needs a completion-level reward.")
     tokenizer = policy.tokenizer
     use_chat_template = tokenizer.chat_template is not None if use_chat_template is None else use_chat_template
-    eos = sorted({tokenizer.eos_token_id, *np.atleast_1d(policy.lm.generation_config.eos_token_id or [])} - {None})
+    eos = eos_token_ids(policy.model_name_or_path)  # the same ends as the environment's
     pad = int(tokenizer.pad_token_id)
     encoded = [encode_prompt(tokenizer, p, use_chat_template, system_prompt) for p in prompts]
     greedy_scores, sampled_scores, kls = [], [], []

@@ -6,6 +6,8 @@ import torch as th
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from sb3_textrl.token_masks import last_token_index, position_ids
+
 
 def _layers(cache: DynamicCache) -> list[tuple[th.Tensor, th.Tensor]]:
     """Per-layer ``(keys, values)``, each ``(batch, kv_heads, length, head_dim)``."""
@@ -33,7 +35,7 @@ def right_align(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Ten
     """Roll each row so that its last attended token is in the last column (keeps the mask's holes)."""
     width = input_ids.shape[1]
     positions = th.arange(width, device=input_ids.device)
-    last = th.where(attention_mask.bool(), positions, -1).amax(dim=1)
+    last = last_token_index(attention_mask)
     index = (positions[None, :] - (width - 1 - last[:, None])) % width
     return input_ids.gather(1, index), attention_mask.gather(1, index)
 
@@ -100,9 +102,7 @@ class RolloutKVCache:
             self.fingerprint = fingerprint
             return self._store(input_ids, attention_mask, *self._fresh(input_ids, attention_mask))
         old_ids, old_mask = self.input_ids, self.obs_mask
-        positions = th.arange(input_ids.shape[1], device=input_ids.device)
-        new_last = th.where(attention_mask.bool(), positions, -1).amax(dim=1)
-        old_last = th.where(old_mask.bool(), positions, -1).amax(dim=1)
+        new_last, old_last = last_token_index(attention_mask), last_token_index(old_mask)
         tokens_kept = ((input_ids == old_ids) | ~old_mask.bool()).all(dim=1)
         same = tokens_kept & (attention_mask == old_mask).all(dim=1)
         grown = old_mask.clone()
@@ -112,10 +112,11 @@ class RolloutKVCache:
         if same.all():
             return self.hidden
         if extended.all():  # the common case: every env took one step; extend the cache in place
-            position_ids = (attention_mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+            new_positions = (attention_mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
             self.cache_mask = F.pad(self.cache_mask, (0, 1), value=1)
             past = self.cache if self.cache is not None else _make_cache(self.layers)
-            hidden, self.cache = self._run(input_ids[th.arange(batch), new_last][:, None], self.cache_mask, position_ids, past)
+            new_tokens = input_ids[th.arange(batch), new_last][:, None]
+            hidden, self.cache = self._run(new_tokens, self.cache_mask, new_positions, past)
             self.layers = _layers(self.cache)
             return self._store(input_ids, attention_mask, hidden, None, None)
 
@@ -126,8 +127,8 @@ class RolloutKVCache:
             rows = extended.nonzero().squeeze(1)
             mask = F.pad(self.cache_mask[rows], (0, 1), value=1)
             past = _make_cache([(k[rows], v[rows]) for k, v in self.layers])
-            position_ids = (attention_mask[rows].sum(dim=1, keepdim=True) - 1).clamp(min=0)
-            hidden[rows], cache = self._run(input_ids[rows, new_last[rows]][:, None], mask, position_ids, past)
+            new_positions = (attention_mask[rows].sum(dim=1, keepdim=True) - 1).clamp(min=0)
+            hidden[rows], cache = self._run(input_ids[rows, new_last[rows]][:, None], mask, new_positions, past)
             parts.append((rows, mask, _layers(cache)))
         if same.any():
             rows = same.nonzero().squeeze(1)
@@ -159,8 +160,7 @@ class RolloutKVCache:
         ids, mask = right_align(input_ids, attention_mask)
         attended = mask.any(dim=0).nonzero()
         ids, mask = ids[:, int(attended.min()) :], mask[:, int(attended.min()) :]
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        hidden, cache = self._run(ids, mask, position_ids)
+        hidden, cache = self._run(ids, mask, position_ids(mask))
         return hidden, mask, _layers(cache)
 
     def _store(self, input_ids, attention_mask, hidden, cache_mask, layers) -> th.Tensor:

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from sb3_textrl.kv_cache import RolloutKVCache
 from sb3_textrl.loading import load_causal_lm, load_tokenizer
+from sb3_textrl.token_masks import last_token_index, position_ids
 from sb3_textrl.validation import check_same_lm
 
 # bound on the elements of the (chunk, batch, length) comparison that finds shared prefixes
@@ -38,12 +39,6 @@ def split_observation(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
     if input_ids.dim() == 1:
         input_ids, attention_mask = input_ids[None], attention_mask[None]
     return input_ids, attention_mask
-
-
-def last_token_index(attention_mask: th.Tensor) -> th.Tensor:
-    """Index of the last attended token of each row: ``(batch,)`` int64."""
-    positions = th.arange(attention_mask.shape[1], device=attention_mask.device)
-    return th.where(attention_mask.bool(), positions, -1).amax(dim=1)
 
 
 def covering_rows(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
@@ -287,9 +282,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         attended = mask.any(dim=0).nonzero()
         first, stop = int(attended.min()), int(attended.max()) + 1
         ids, mask = ids[:, first:stop], mask[:, first:stop]
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         with self._autocast():
-            hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)[0]
+            hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)[0]
         return hidden[cover, last_token_index(attention_mask) - first]
 
     def _logits(self, hidden: th.Tensor, lm: PreTrainedModel, obs: PyTorchObs) -> th.Tensor:
