@@ -62,7 +62,9 @@ class KLPenaltyCallback(BaseCallback):
 
     :param kl_coef: the KL penalty coefficient (beta): a number (fixed; 0 disables the penalty, KL is still logged),
         or a controller, e.g. ``AdaptiveKLController(kl_coef=0.1, target=6.0, horizon=10_000)``
-    :param estimator: per-token KL estimator, ``"k1"`` or ``"k3"`` (see :mod:`sb3_textrl.kl`)
+    :param estimator: per-token KL estimator, ``"k1"`` or ``"k3"`` (see :mod:`sb3_textrl.kl`). Default ``"k1"``: as a
+        reward penalty, only k1's policy gradient equals the KL's gradient; k3's is biased (k3 itself depends on the
+        policy) and, with an adaptive controller, can let the KL grow while the coefficient rises
     :param verbose: verbosity level
     :raises ValueError: if ``kl_coef`` is negative, the estimator unknown, or the policy has no reference model
     """

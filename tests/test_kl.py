@@ -111,24 +111,28 @@ def test_logged_keys(tiny_llama_path):
     assert seen["rollout/penalized_return"] == pytest.approx(seen["rollout/score"] - 0.2 * seen["rollout/ref_kl"])
 
 
-def _kl_run(path: str, kl_coef) -> tuple[list[float], list[float]]:
+def _kl_run(path: str, kl_coef, rollouts: int) -> tuple[list[float], list[float]]:
     env = _env(path, lambda p, c: [0.2 * x.count("e") for x in c], max_new_tokens=6)
     model = PPO("LMPolicy", env, n_steps=12, batch_size=48, n_epochs=4, learning_rate=3e-3, seed=0,
                 rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
-    kl_callback = KLPenaltyCallback(kl_coef, estimator="k3")
+    kl_callback = KLPenaltyCallback(kl_coef)  # k1: the penalty whose policy gradient is the KL's gradient
     history = RolloutHistoryCallback(kl_callback)
-    model.learn(48 * 40, callback=CallbackList([kl_callback, history]))
+    model.learn(48 * rollouts, callback=CallbackList([kl_callback, history]))
     return [h["kl"] for h in history.history], [h["kl_coef"] for h in history.history]
 
 
-def test_adaptive_kl_restrains_a_runaway_kl(tiny_llama_path):
+def test_adaptive_kl_holds_the_kl_near_its_target(tiny_llama_path):
     """
-    With a learning rate that makes the KL run away (to ~25 nats without penalty), the adaptive controller
-    (target 4 nats) raises its coefficient while the KL is above target and keeps the KL far lower.
+    A reward (0.2 per letter "e") and a learning rate that drive the KL to ~25 nats per sequence without a penalty;
+    the adaptive controller (target 4 nats) brings it back and holds it near the target: over the second half of the
+    run, the median KL per rollout is within 30 % of the target (3.4-4.9 over seeds 0-3 and initial coefficients
+    0.1-0.5 when this test was written). The coefficient rises whenever the KL is above target.
     """
-    free, _ = _kl_run(tiny_llama_path, 0.0)
-    adaptive, coefs = _kl_run(tiny_llama_path, AdaptiveKLController(kl_coef=0.5, target=4.0, horizon=16))
-    assert np.mean(free[-10:]) > 4 * 4.0  # the unpenalised run overshoots the target by far
-    assert np.mean(adaptive[-10:]) < 0.5 * np.mean(free[-10:])
-    above = [i for i in range(1, len(coefs)) if adaptive[i] > 4.0]
+    target = 4.0
+    free, _ = _kl_run(tiny_llama_path, 0.0, rollouts=100)
+    adaptive, coefs = _kl_run(tiny_llama_path, AdaptiveKLController(kl_coef=0.1, target=target, horizon=16), rollouts=150)
+    assert np.median(free[50:]) > 4 * target  # without the penalty, the KL runs far past the target
+    assert max(adaptive) > 2 * target  # the adaptive run overshoots too (the coefficient first decays) ...
+    assert 0.7 * target < np.median(adaptive[75:]) < 1.3 * target  # ... and is then held near the target
+    above = [i for i in range(1, len(coefs)) if adaptive[i] > target]
     assert above and all(coefs[i] > coefs[i - 1] for i in above)  # the coefficient rises whenever KL > target
