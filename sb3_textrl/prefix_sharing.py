@@ -1,0 +1,128 @@
+"""Prefix sharing: sequences that open with the same tokens (a chat template's system prompt) run that prefix once.
+
+A chat model's prompts usually start with the same tokens (SmolLM2's template adds a ~30-token system prompt to every
+prompt). Under causal attention the keys and values of those tokens do not depend on what follows, so a batch of
+rows with a common prefix of ``p`` tokens is run as one forward over the prefix (one row) and one forward over the
+rows' suffixes attending to the prefix's key/value cache (as prefix caching in vLLM or SGLang). The results equal a
+forward over the full rows up to float rounding; the prefill costs ``p + sum(suffix lengths)`` tokens instead of
+``sum(row lengths)``. Gradients flow through the shared prefix (it is computed once per batch, with autograd).
+"""
+
+from __future__ import annotations
+
+import torch as th
+from transformers import DynamicCache, PreTrainedModel
+
+# shorter shared prefixes are not worth a second forward call
+MIN_PREFIX_LENGTH = 8
+
+
+def cache_layers(cache: DynamicCache) -> list[tuple[th.Tensor, th.Tensor]]:
+    """Per-layer ``(keys, values)``, each ``(batch, kv_heads, length, head_dim)``."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def make_cache(layers: list[tuple[th.Tensor, th.Tensor]]) -> DynamicCache:
+    """A ``DynamicCache`` holding the given per-layer ``(keys, values)``."""
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys, values, index)
+    return cache
+
+
+def _spans(attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """First attended column, number of attended tokens, and whether those tokens are contiguous, per row."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    start = mask.int().argmax(dim=1)
+    runs = (mask[:, 1:] & ~mask[:, :-1]).sum(dim=1) + mask[:, 0]
+    return start, lengths, runs == 1
+
+
+def _left_aligned(input_ids: th.Tensor, start: th.Tensor) -> th.Tensor:
+    index = (start[:, None] + th.arange(input_ids.shape[1], device=input_ids.device)).clamp(max=input_ids.shape[1] - 1)
+    return input_ids.gather(1, index)
+
+
+def shared_prefix_length(input_ids: th.Tensor, attention_mask: th.Tensor, min_length: int = MIN_PREFIX_LENGTH) -> int:
+    """
+    The number of tokens every row opens with, leaving each row at least one token of its own.
+
+    :param input_ids: ``(batch, length)`` int64
+    :param attention_mask: ``(batch, length)`` int64; rows whose attended tokens are not contiguous share nothing
+    :param min_length: shorter common prefixes count as none
+    :return: ``p >= min_length``, or 0 (fewer than two rows, no long common prefix, or a row with holes in its mask)
+    """
+    if input_ids.shape[0] < 2:
+        return 0
+    start, lengths, contiguous = _spans(attention_mask)
+    if not bool(contiguous.all()):
+        return 0
+    aligned = _left_aligned(input_ids, start)
+    width = int(lengths.min()) - 1  # each row keeps at least its last token
+    if width < min_length:
+        return 0
+    agree = (aligned[:, :width] == aligned[:1, :width]).all(dim=0)
+    length = int(agree.int().cumprod(dim=0).sum())
+    return length if length >= min_length else 0
+
+
+def starts_with(input_ids: th.Tensor, attention_mask: th.Tensor, prefix: th.Tensor) -> bool:
+    """Whether every row's attended tokens are contiguous, open with ``prefix`` (``(p,)``) and go on after it."""
+    start, lengths, contiguous = _spans(attention_mask)
+    p = prefix.shape[0]
+    if not bool(contiguous.all()) or int(lengths.min()) <= p:
+        return False
+    return bool((_left_aligned(input_ids, start)[:, :p] == prefix[None]).all())
+
+
+def split_prefix(input_ids: th.Tensor, attention_mask: th.Tensor, p: int) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+    """
+    Cut rows that share their first ``p`` attended tokens into the prefix and left-aligned suffixes.
+
+    :return: ``prefix`` ``(p,)``, ``suffix_ids`` and ``suffix_mask`` ``(batch, suffix_width)`` (right padding),
+        and ``offset`` ``(batch,)``: column ``c`` of row ``i`` is suffix column ``c - offset[i]``
+    """
+    start, lengths, _ = _spans(attention_mask)
+    aligned = _left_aligned(input_ids, start)
+    width = int(lengths.max()) - p
+    suffix_mask = (th.arange(width, device=input_ids.device)[None, :] < (lengths - p)[:, None]).to(attention_mask.dtype)
+    suffix_ids = aligned[:, p : p + width] * suffix_mask  # padding becomes token 0, never attended
+    return aligned[0, :p], suffix_ids, suffix_mask, start + p
+
+
+def prefix_cache(lm: PreTrainedModel, prefix: th.Tensor) -> list[tuple[th.Tensor, th.Tensor]]:
+    """Per-layer keys and values of ``prefix`` (``(p,)`` token ids), one row, positions ``0..p-1``."""
+    p = prefix.shape[0]
+    positions = th.arange(p, device=prefix.device)[None]
+    out = lm.base_model(input_ids=prefix[None], attention_mask=th.ones_like(positions), position_ids=positions, use_cache=True)
+    return cache_layers(out.past_key_values)
+
+
+def forward_suffixes(
+    lm: PreTrainedModel,
+    prefix_layers: list[tuple[th.Tensor, th.Tensor]],
+    suffix_ids: th.Tensor,
+    suffix_mask: th.Tensor,
+    use_cache: bool = False,
+) -> tuple[th.Tensor, th.Tensor, DynamicCache | None]:
+    """
+    Run the suffixes of rows that all open with the prefix whose cache is ``prefix_layers``.
+
+    :param prefix_layers: from :func:`prefix_cache` (one row; expanded to the batch, not copied)
+    :param suffix_ids: ``(batch, width)`` int64, left-aligned
+    :param suffix_mask: ``(batch, width)`` int64, right padding
+    :return: last hidden states ``(batch, width, hidden_size)`` over the suffix columns, the attention mask over
+        prefix + suffix ``(batch, p + width)``, and (``use_cache``) the cache of prefix + suffix
+    """
+    batch, width = suffix_ids.shape
+    p = prefix_layers[0][0].shape[2]
+    past = make_cache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix_layers])
+    mask = th.cat([suffix_mask.new_ones(batch, p), suffix_mask], dim=1)
+    positions = (p + th.arange(width, device=suffix_ids.device))[None].expand(batch, -1)
+    out = lm.base_model(
+        input_ids=suffix_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
+    )
+    return out[0], mask, out.past_key_values if use_cache else None
