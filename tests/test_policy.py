@@ -471,3 +471,19 @@ def test_kv_cache_of_deepcopied_policy(tiny_llama_path):
     with th.no_grad():
         cached = clone.get_distribution(obs).distribution.logits
     th.testing.assert_close(cached, fresh_distribution(clone, obs)[0], atol=1e-4, rtol=0)
+
+
+def test_gradients_released_after_each_step(tiny_llama_path):
+    """The optimizer frees the gradients once it has stepped, so they do not sit next to the next forward's activations."""
+    env = make_env(tiny_llama_path)
+    policy = make_policy(env)
+    steps = [step for episode in collect_episodes(env, 2) for step in episode]
+    obs, actions = stack(steps)
+    before = [p.detach().clone() for p in policy.lm.parameters()]
+    _, log_prob, _ = policy.evaluate_actions(obs, actions)
+    policy.optimizer.zero_grad()
+    (-log_prob.mean()).backward()
+    assert all(p.grad is not None for p in policy.lm.parameters())
+    policy.optimizer.step()
+    assert all(p.grad is None for p in policy.parameters())
+    assert any(not th.equal(a, p) for a, p in zip(before, policy.lm.parameters()))  # the step used them first
