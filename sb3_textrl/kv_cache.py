@@ -13,7 +13,6 @@ from sb3_textrl.prefix_sharing import (
     prefix_cache,
     shared_prefix_length,
     split_prefix,
-    starts_with,
 )
 from sb3_textrl.token_masks import last_token_index, position_ids
 
@@ -45,8 +44,8 @@ class RolloutKVCache:
     mask, so the results equal a forward over the full observation. Correct for any sequence of observations: a row
     whose tokens do not extend the cached ones is recomputed.
 
-    New rows that open with the same tokens as earlier ones (a chat template's system prompt) reuse that prefix's
-    keys and values (:mod:`sb3_textrl.prefix_sharing`), computed once per weights version.
+    New rows run only what follows the opening tokens that all current observations share (a chat template's system
+    prompt): that prefix's keys and values are computed once per weights version (:mod:`sb3_textrl.prefix_sharing`).
 
     :param lm: the causal LM (its ``base_model`` is run)
     :param prefix_sharing: reuse the shared opening tokens of new rows
@@ -55,7 +54,6 @@ class RolloutKVCache:
     def __init__(self, lm: PreTrainedModel, prefix_sharing: bool = True):
         self.lm = lm
         self.prefix_sharing = prefix_sharing
-        self.prefix: th.Tensor | None = None  # (p,) the opening tokens that the rows seen so far share
         self.reset()
 
     def _weights_fingerprint(self) -> tuple[int, int]:
@@ -65,7 +63,8 @@ class RolloutKVCache:
 
     def reset(self) -> None:
         self._params = list(self.lm.parameters())  # collected once: walking the modules costs ~3 ms per call
-        self.prefix_layers: list[tuple[th.Tensor, th.Tensor]] | None = None  # keys/values of `prefix`, these weights
+        # keys and values of the shared prefix (by its tokens) under the current weights
+        self.prefix_layers: dict[tuple[int, ...], list[tuple[th.Tensor, th.Tensor]]] = {}
         self.fingerprint: tuple[int, int] | None = None
         self.input_ids: th.Tensor | None = None  # (batch, max_length): the observations the cache holds
         self.obs_mask: th.Tensor | None = None
@@ -103,7 +102,11 @@ class RolloutKVCache:
         ):
             self.reset()
             self.fingerprint = fingerprint
-            return self._store(input_ids, attention_mask, *self._fresh(input_ids, attention_mask))
+            return self._store(
+                input_ids,
+                attention_mask,
+                *self._fresh(input_ids, attention_mask, self._prefix_length(input_ids, attention_mask)),
+            )
         old_ids, old_mask = self.input_ids, self.obs_mask
         new_last, old_last = last_token_index(attention_mask), last_token_index(old_mask)
         tokens_kept = ((input_ids == old_ids) | ~old_mask.bool()).all(dim=1)
@@ -141,7 +144,8 @@ class RolloutKVCache:
             parts.append((rows, F.pad(self.cache_mask[rows], (0, 1), value=0), layers))
         if fresh.any():
             rows = fresh.nonzero().squeeze(1)
-            fresh_hidden, mask, layers = self._fresh(input_ids[rows], attention_mask[rows])
+            prefix_length = self._prefix_length(input_ids, attention_mask)
+            fresh_hidden, mask, layers = self._fresh(input_ids[rows], attention_mask[rows], prefix_length)
             hidden[rows] = fresh_hidden
             width = max(width, mask.shape[1])
             parts.append((rows, mask, layers))
@@ -159,19 +163,20 @@ class RolloutKVCache:
         self.cache_mask, self.layers, self.cache = cache_mask, merged, None
         return self._store(input_ids, attention_mask, hidden, None, None)
 
-    def _fresh(self, input_ids: th.Tensor, attention_mask: th.Tensor):
-        if self.prefix_sharing:
-            if self.prefix is None or not starts_with(input_ids, attention_mask, self.prefix):
-                p = shared_prefix_length(input_ids, attention_mask)
-                if p:  # a new shared opening: remember it for the rows that reset later
-                    self.prefix, self.prefix_layers = split_prefix(input_ids, attention_mask, p)[0].clone(), None
-            if self.prefix is not None and starts_with(input_ids, attention_mask, self.prefix):
-                _, suffix_ids, suffix_mask, _ = split_prefix(input_ids, attention_mask, self.prefix.shape[0])
-                if self.prefix_layers is None:
-                    self.prefix_layers = prefix_cache(self.lm, self.prefix)
-                hidden, mask, cache = forward_suffixes(self.lm, self.prefix_layers, suffix_ids, suffix_mask, use_cache=True)
-                last = suffix_mask.sum(dim=1) - 1
-                return hidden[th.arange(len(last)), last], mask, cache_layers(cache)
+    def _prefix_length(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> int:
+        # from the current observations only (not from earlier calls), so that results never depend on history
+        return shared_prefix_length(input_ids, attention_mask) if self.prefix_sharing else 0
+
+    def _fresh(self, input_ids: th.Tensor, attention_mask: th.Tensor, prefix_length: int = 0):
+        """New rows; with ``prefix_length``, rows whose first ``prefix_length`` attended tokens are the same."""
+        if prefix_length:
+            prefix, suffix_ids, suffix_mask, _ = split_prefix(input_ids, attention_mask, prefix_length)
+            key = tuple(prefix.tolist())
+            if key not in self.prefix_layers:  # per weights version: reset() empties it
+                self.prefix_layers = {key: prefix_cache(self.lm, prefix)}  # one prefix at a time
+            hidden, mask, cache = forward_suffixes(self.lm, self.prefix_layers[key], suffix_ids, suffix_mask, use_cache=True)
+            last = suffix_mask.sum(dim=1) - 1
+            return hidden[th.arange(len(last)), last], mask, cache_layers(cache)
         ids, mask = right_align(input_ids, attention_mask)
         attended = mask.any(dim=0).nonzero()
         ids, mask = ids[:, int(attended.min()) :], mask[:, int(attended.min()) :]

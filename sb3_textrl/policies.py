@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from sb3_textrl.kv_cache import RolloutKVCache
 from sb3_textrl.loading import load_causal_lm, load_tokenizer
+from sb3_textrl.log_probs import log_prob_and_entropy
 from sb3_textrl.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
 from sb3_textrl.token_masks import last_token_index, position_ids
 from sb3_textrl.validation import check_same_lm
@@ -350,8 +351,10 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         :param actions: ``(batch,)`` token ids
         :return: values ``(batch, 1)``, log-probs ``(batch,)``, entropies ``(batch,)``, all float32
         """
-        distribution, values = self._distribution_and_values(obs)
-        return values, distribution.log_prob(actions.long().flatten()), distribution.entropy()
+        hidden = self._last_hidden(obs, self.lm, cached=True)
+        # no Categorical object here: its autograd graph keeps ~4 vocabulary-sized tensors per row, this keeps one
+        log_prob, entropy = log_prob_and_entropy(self._logits(hidden, self.lm, obs), actions.long().flatten())
+        return self.value_head(hidden.float()), log_prob, entropy
 
     def get_distribution(self, obs: PyTorchObs) -> CategoricalDistribution:
         return self._distribution_and_values(obs)[0]

@@ -69,15 +69,6 @@ def shared_prefix_length(input_ids: th.Tensor, attention_mask: th.Tensor, min_le
     return length if length >= min_length else 0
 
 
-def starts_with(input_ids: th.Tensor, attention_mask: th.Tensor, prefix: th.Tensor) -> bool:
-    """Whether every row's attended tokens are contiguous, open with ``prefix`` (``(p,)``) and go on after it."""
-    start, lengths, contiguous = _spans(attention_mask)
-    p = prefix.shape[0]
-    if not bool(contiguous.all()) or int(lengths.min()) <= p:
-        return False
-    return bool((_left_aligned(input_ids, start)[:, :p] == prefix[None]).all())
-
-
 def split_prefix(input_ids: th.Tensor, attention_mask: th.Tensor, p: int) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
     """
     Cut rows that share their first ``p`` attended tokens into the prefix and left-aligned suffixes.
