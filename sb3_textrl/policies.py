@@ -94,6 +94,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
     holding whole episodes costs one forward pass per episode. In eval mode without gradients (rollouts, ``predict``),
     a KV cache carried from call to call (:class:`~sb3_textrl.kv_cache.RolloutKVCache`) makes each new token cost one
     incremental forward; it is dropped whenever the weights may have changed (mode switch, in-place update, loading).
+    The optimizer frees the gradients right after each ``step()`` (``zero_grad(set_to_none=True)`` in a post-step
+    hook): read them before stepping.
 
     :param observation_space: a :class:`~sb3_textrl.spaces.TokenObservationSpace` (or a ``Box`` of token ids)
     :param action_space: ``Discrete(n)``, ``n`` the LM's logits width
