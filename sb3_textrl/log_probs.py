@@ -1,4 +1,4 @@
-"""Log-probabilities of chosen tokens and entropies from full-vocabulary logits, with a lean backward."""
+"""Categorical maths over full-vocabulary logits: log-probs and entropies with a lean backward, and fast sampling."""
 
 from __future__ import annotations
 
@@ -47,3 +47,20 @@ def log_prob_and_entropy(logits: th.Tensor, actions: th.Tensor) -> tuple[th.Tens
         ``Categorical(logits=logits).log_prob(actions)`` and ``.entropy()``, gradients included
     """
     return _LogProbEntropy.apply(logits, actions.long())
+
+
+def sample_categorical(probs: th.Tensor) -> th.Tensor:
+    """
+    One token per row, drawn with probability ``probs`` (inverse transform sampling: one uniform number per row).
+
+    ``torch.multinomial`` (what ``Categorical.sample`` and ``generate`` use) draws one exponential random number per
+    *category*: ~10 ms per step for 8 rows of a 49k vocabulary on a CPU, against ~1 ms for a cumulative sum and a
+    binary search. The cumulative sum is float64, so the rounding of 49k float32 terms does not bias the draw.
+
+    :param probs: ``(batch, n)`` non-negative, rows summing to ~1 (a softmax)
+    :return: ``(batch,)`` int64 indices; categories of probability 0 are never drawn
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    u = th.rand((probs.shape[0], 1), dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    # first category whose cumulative probability exceeds u: category i covers [cdf[i-1], cdf[i])
+    return th.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from sb3_textrl.kv_cache import RolloutKVCache
 from sb3_textrl.loading import load_causal_lm, load_tokenizer
-from sb3_textrl.log_probs import log_prob_and_entropy
+from sb3_textrl.log_probs import log_prob_and_entropy, sample_categorical
 from sb3_textrl.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
 from sb3_textrl.token_masks import last_token_index, position_ids
 from sb3_textrl.validation import check_same_lm
@@ -342,8 +342,14 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         :return: actions ``(n_envs,)`` int64 token ids, values ``(n_envs, 1)`` float32, log-probs ``(n_envs,)`` float32
         """
         distribution, values = self._distribution_and_values(obs)
-        actions = distribution.get_actions(deterministic=deterministic)
+        actions = self._sample(distribution, deterministic)
         return actions, values, distribution.log_prob(actions)
+
+    @staticmethod
+    def _sample(distribution: CategoricalDistribution, deterministic: bool) -> th.Tensor:
+        if deterministic:
+            return distribution.mode()
+        return sample_categorical(distribution.distribution.probs)
 
     def evaluate_actions(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor | None]:
         """
@@ -366,7 +372,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         return self.value_head(self._last_hidden(obs, self.lm, cached=True).float())
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
-        return self.get_distribution(observation).get_actions(deterministic=deterministic)
+        return self._sample(self.get_distribution(observation), deterministic)
 
     @th.no_grad()
     def reference_log_prob(self, obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:

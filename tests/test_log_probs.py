@@ -1,7 +1,7 @@
 import torch as th
 from torch.distributions import Categorical
 
-from sb3_textrl.log_probs import log_prob_and_entropy
+from sb3_textrl.log_probs import log_prob_and_entropy, sample_categorical
 
 
 def test_equals_categorical_with_gradients():
@@ -25,3 +25,14 @@ def test_gradcheck_each_output_alone():
     actions = th.tensor([0, 6, 3])
     assert th.autograd.gradcheck(lambda z: log_prob_and_entropy(z, actions)[0], (logits,))
     assert th.autograd.gradcheck(lambda z: log_prob_and_entropy(z, actions)[1], (logits,))
+
+
+def test_sample_categorical_follows_the_probabilities():
+    probs = th.tensor([[0.0, 0.5, 0.0, 0.3, 0.2], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    th.manual_seed(0)
+    draws = th.stack([sample_categorical(probs) for _ in range(20_000)])  # (20000, 2)
+    frequencies = th.bincount(draws[:, 0], minlength=5).double() / len(draws)
+    assert frequencies[0] == 0 and frequencies[2] == 0  # probability 0: never drawn
+    th.testing.assert_close(frequencies, probs[0].double(), atol=0.015, rtol=0)
+    assert (draws[:, 1] == 0).all()
+    assert draws.dtype == th.int64
