@@ -16,6 +16,9 @@ from sb3_textrl.prefix_sharing import (
 )
 from sb3_textrl.token_masks import last_token_index, position_ids
 
+# new rows remembered per weights version (SmolLM2: ~45 KiB per token of a row's own keys and values)
+_MAX_ROWS_SEEN = 256
+
 
 def _left_pad(tensor: th.Tensor, width: int, dim: int) -> th.Tensor:
     missing = width - tensor.shape[dim]
@@ -45,7 +48,8 @@ class RolloutKVCache:
     whose tokens do not extend the cached ones is recomputed.
 
     New rows run only what follows the opening tokens that all current observations share (a chat template's system
-    prompt): that prefix's keys and values are computed once per weights version (:mod:`sb3_textrl.prefix_sharing`).
+    prompt): that prefix's keys and values are computed once per weights version (:mod:`sb3_textrl.prefix_sharing`),
+    and so are those of each distinct new row (an env restarting on a prompt already seen costs no forward).
 
     :param lm: the causal LM (its ``base_model`` is run)
     :param prefix_sharing: reuse the shared opening tokens of new rows
@@ -65,6 +69,8 @@ class RolloutKVCache:
         self._params = list(self.lm.parameters())  # collected once: walking the modules costs ~3 ms per call
         # keys and values of the shared prefix (by its tokens) under the current weights
         self.prefix_layers: dict[tuple[int, ...], list[tuple[th.Tensor, th.Tensor]]] = {}
+        # each new row seen under the current weights, by (prefix, own tokens): last hidden state, own keys/values
+        self.rows_seen: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[th.Tensor, list]] = {}
         self.fingerprint: tuple[int, int] | None = None
         self.input_ids: th.Tensor | None = None  # (batch, max_length): the observations the cache holds
         self.obs_mask: th.Tensor | None = None
@@ -170,18 +176,53 @@ class RolloutKVCache:
     def _fresh(self, input_ids: th.Tensor, attention_mask: th.Tensor, prefix_length: int = 0):
         """New rows; with ``prefix_length``, rows whose first ``prefix_length`` attended tokens are the same."""
         if prefix_length:
-            prefix, suffix_ids, suffix_mask, _ = split_prefix(input_ids, attention_mask, prefix_length)
-            key = tuple(prefix.tolist())
-            if key not in self.prefix_layers:  # per weights version: reset() empties it
-                self.prefix_layers = {key: prefix_cache(self.lm, prefix)}  # one prefix at a time
-            hidden, mask, cache = forward_suffixes(self.lm, self.prefix_layers[key], suffix_ids, suffix_mask, use_cache=True)
-            last = suffix_mask.sum(dim=1) - 1
-            return hidden[th.arange(len(last)), last], mask, cache_layers(cache)
+            return self._fresh_after_prefix(input_ids, attention_mask, prefix_length)
         ids, mask = right_align(input_ids, attention_mask)
         attended = mask.any(dim=0).nonzero()
         ids, mask = ids[:, int(attended.min()) :], mask[:, int(attended.min()) :]
         hidden, cache = self._run(ids, mask, position_ids(mask))
         return hidden, mask, cache_layers(cache)
+
+    def _fresh_after_prefix(self, input_ids: th.Tensor, attention_mask: th.Tensor, p: int):
+        """
+        New rows that share their first ``p`` tokens: the prefix's keys and values are computed once, and so is each
+        distinct row (an env that restarts on a prompt already seen under these weights costs no forward).
+        """
+        prefix, suffix_ids, suffix_mask, _ = split_prefix(input_ids, attention_mask, p)
+        prefix_key = tuple(prefix.tolist())
+        if prefix_key not in self.prefix_layers:  # per weights version: reset() empties it
+            self.prefix_layers = {prefix_key: prefix_cache(self.lm, prefix)}  # one prefix at a time
+        prefix_layers = self.prefix_layers[prefix_key]
+        lengths = suffix_mask.sum(dim=1).tolist()
+        keys = [(prefix_key, tuple(row[:n].tolist())) for row, n in zip(suffix_ids, lengths)]
+        todo = [i for i, key in enumerate(keys) if key not in self.rows_seen]
+        if len(self.rows_seen) + len(todo) > _MAX_ROWS_SEEN:  # bounded (predict() over many prompts): keep this call's
+            self.rows_seen = {key: self.rows_seen[key] for key in keys if key in self.rows_seen}
+        if todo:
+            rows = th.tensor(todo, device=input_ids.device)
+            width = max(lengths[i] for i in todo)
+            hidden, _, cache = forward_suffixes(
+                self.lm, prefix_layers, suffix_ids[rows, :width], suffix_mask[rows, :width], use_cache=True
+            )
+            layers = cache_layers(cache)
+            for j, i in enumerate(todo):
+                n = lengths[i]
+                # copies: a view would keep the whole batch's cache alive
+                suffix_layers = [(k[j, :, p : p + n].clone(), v[j, :, p : p + n].clone()) for k, v in layers]
+                self.rows_seen[keys[i]] = (hidden[j, n - 1].clone(), suffix_layers)
+        # the layout of forward_suffixes: prefix columns, then each row's own tokens, right padding
+        batch, width = suffix_ids.shape
+        merged = []
+        for index, (prefix_keys, prefix_values) in enumerate(prefix_layers):
+            keys_out = prefix_keys.new_zeros(batch, prefix_keys.shape[1], p + width, prefix_keys.shape[3])
+            values_out = th.zeros_like(keys_out)
+            keys_out[:, :, :p], values_out[:, :, :p] = prefix_keys, prefix_values
+            for i, key in enumerate(keys):
+                row_keys, row_values = self.rows_seen[key][1][index]
+                keys_out[i, :, p : p + lengths[i]], values_out[i, :, p : p + lengths[i]] = row_keys, row_values
+            merged.append((keys_out, values_out))
+        hidden = th.stack([self.rows_seen[key][0] for key in keys])
+        return hidden, th.cat([suffix_mask.new_ones(batch, p), suffix_mask], dim=1), merged
 
     def _store(self, input_ids, attention_mask, hidden, cache_mask, layers) -> th.Tensor:
         if cache_mask is not None:

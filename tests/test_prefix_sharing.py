@@ -121,3 +121,5 @@ def test_rollout_path_equals_full_forwards(tiny_lm_path):
         n_resets += dones.sum()
     assert n_resets >= 4
     assert [len(prefix) >= 8 for prefix in shared._kv_cache.prefix_layers] == [True]  # the path under test was taken
+    # restarts on a prompt already seen reuse its keys and values: at most one entry per prompt and first observation
+    assert n_resets + 3 > len(shared._kv_cache.rows_seen)
