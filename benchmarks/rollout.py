@@ -35,7 +35,7 @@ def generate_seconds(policy, ids: list[list[int]], max_new_tokens: int) -> tuple
 
 def rollout_seconds(model: PPO, callback: CallbackList, prefix_sharing: bool = True) -> tuple[float, int]:
     """Seconds and tokens of one ``collect_rollouts``, starting, as in training, without a KV cache (new weights)."""
-    model.policy.prefix_sharing = model.policy._kv_cache.prefix_sharing = prefix_sharing
+    model.policy.prefix_sharing = prefix_sharing
     model.policy._kv_cache.reset()
     start = time.perf_counter()
     model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)

@@ -52,12 +52,10 @@ class RolloutKVCache:
     and so are those of each distinct new row (an env restarting on a prompt already seen costs no forward).
 
     :param lm: the causal LM (its ``base_model`` is run)
-    :param prefix_sharing: reuse the shared opening tokens of new rows
     """
 
-    def __init__(self, lm: PreTrainedModel, prefix_sharing: bool = True):
+    def __init__(self, lm: PreTrainedModel):
         self.lm = lm
-        self.prefix_sharing = prefix_sharing
         self.reset()
 
     def _weights_fingerprint(self) -> tuple[int, int]:
@@ -90,12 +88,13 @@ class RolloutKVCache:
         return out[0][:, -1], out.past_key_values
 
     @th.no_grad()
-    def last_hidden(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> th.Tensor:
+    def last_hidden(self, input_ids: th.Tensor, attention_mask: th.Tensor, prefix_sharing: bool = True) -> th.Tensor:
         """
         The LM's last hidden state at the last attended token of each observation.
 
         :param input_ids: ``(batch, max_length)`` int64
         :param attention_mask: ``(batch, max_length)`` int64
+        :param prefix_sharing: new rows run only what follows the opening tokens all observations share
         :return: ``(batch, hidden_size)``
         """
         batch = input_ids.shape[0]
@@ -111,7 +110,7 @@ class RolloutKVCache:
             return self._store(
                 input_ids,
                 attention_mask,
-                *self._fresh(input_ids, attention_mask, self._prefix_length(input_ids, attention_mask)),
+                *self._fresh(input_ids, attention_mask, self._prefix_length(input_ids, attention_mask, prefix_sharing)),
             )
         old_ids, old_mask = self.input_ids, self.obs_mask
         new_last, old_last = last_token_index(attention_mask), last_token_index(old_mask)
@@ -150,7 +149,7 @@ class RolloutKVCache:
             parts.append((rows, F.pad(self.cache_mask[rows], (0, 1), value=0), layers))
         if fresh.any():
             rows = fresh.nonzero().squeeze(1)
-            prefix_length = self._prefix_length(input_ids, attention_mask)
+            prefix_length = self._prefix_length(input_ids, attention_mask, prefix_sharing)
             fresh_hidden, mask, layers = self._fresh(input_ids[rows], attention_mask[rows], prefix_length)
             hidden[rows] = fresh_hidden
             width = max(width, mask.shape[1])
@@ -169,9 +168,10 @@ class RolloutKVCache:
         self.cache_mask, self.layers, self.cache = cache_mask, merged, None
         return self._store(input_ids, attention_mask, hidden, None, None)
 
-    def _prefix_length(self, input_ids: th.Tensor, attention_mask: th.Tensor) -> int:
+    @staticmethod
+    def _prefix_length(input_ids: th.Tensor, attention_mask: th.Tensor, prefix_sharing: bool) -> int:
         # from the current observations only (not from earlier calls), so that results never depend on history
-        return shared_prefix_length(input_ids, attention_mask) if self.prefix_sharing else 0
+        return shared_prefix_length(input_ids, attention_mask) if prefix_sharing else 0
 
     def _fresh(self, input_ids: th.Tensor, attention_mask: th.Tensor, prefix_length: int = 0):
         """New rows; with ``prefix_length``, rows whose first ``prefix_length`` attended tokens are the same."""

@@ -196,7 +196,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         self.value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
-        self._kv_cache = RolloutKVCache(lm, prefix_sharing=self.prefix_sharing)
+        self._kv_cache = RolloutKVCache(lm)
         trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
         # the gradients are spent once the step is taken: free them (as zero_grad(set_to_none=True) would before the
@@ -288,7 +288,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         # the cache serves rollouts and predict() (eval mode, no gradients); never training steps such as TRPO's line search
         if cached and self.use_kv_cache and not self.training and not th.is_grad_enabled():
             with self._autocast():
-                return self._kv_cache.last_hidden(input_ids, attention_mask)
+                return self._kv_cache.last_hidden(input_ids, attention_mask, self.prefix_sharing)
         rows, cover = covering_rows(input_ids, attention_mask)
         ids, mask = input_ids[rows], attention_mask[rows]
         p = shared_prefix_length(ids, mask) if self.prefix_sharing else 0
