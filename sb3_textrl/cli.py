@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -151,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --output-dir from its latest checkpoint (same arguments; --total-timesteps may grow)",
     )
+    train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the gradients and the Adam state across the ranks (FSDP2) instead of keeping a "
+        "replica of them on each rank; turns prefix sharing off and writes no checkpoints (docs/distributed.md)",
+    )
     train.add_argument("--no-progress-bar", action="store_true", help="hide SB3's progress bar")
     train.add_argument("--verbose", type=int, default=0, help="SB3 verbosity (1 prints the logger's tables)")
     return parser
@@ -194,6 +201,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--checkpoint-every` (rollouts) must be >= 0, got {args.checkpoint_every}; 0 saves only on SIGINT.")
     if args.eval_every < 0:
         raise ValueError(f"`--eval-every` (rollouts) must be >= 0, got {args.eval_every}; 0 disables it.")
+    if getattr(args, "fsdp", False):
+        if not distributed.launched_distributed():
+            raise ValueError(
+                "`--fsdp` shards the training state across ranks: launch with `torchrun --nproc_per_node N`, N > 1."
+            )
+        if args.resume or args.checkpoint_every:
+            flag = "--resume" if args.resume else "--checkpoint-every"
+            raise ValueError(
+                f"`{flag}` with `--fsdp`: FSDP mode writes no checkpoints (each rank holds a shard of the Adam state): "
+                "drop the flag, or train without --fsdp."
+            )
     n_steps = args.n_steps or args.max_new_tokens
     check_rollout_size(n_steps, args.n_envs, args.batch_size, names=("--n-steps", "--n-envs", "--batch-size"))
 
@@ -243,6 +261,7 @@ def train(args: argparse.Namespace) -> dict:
     check_args(args)
     # under torchrun with WORLD_SIZE > 1: one replica per rank, gradients averaged, rank 0 evaluates and saves
     parallel = distributed.launched_distributed()
+    fsdp = getattr(args, "fsdp", False)  # --fsdp: gradients and Adam state sharded across the ranks
     device = distributed.setup_distributed(args.device) if parallel else args.device
     main_process = distributed.is_main_process()
     seed = distributed.rank_seed(args.seed, args.n_envs)  # args.seed on rank 0
@@ -314,12 +333,14 @@ def train(args: argparse.Namespace) -> dict:
             ent_coef=args.ent_coef,
             max_grad_norm=args.max_grad_norm,
             rollout_buffer_class=EpisodeRolloutBuffer,
+            # FSDP mode: one forward per minibatch on every rank (see sb3_textrl.fsdp)
+            policy_kwargs=dict(prefix_sharing=False) if fsdp else None,
             seed=seed,
             device=device,
             verbose=args.verbose if main_process else 0,
         )
         check_lm_setup(model)
-    distributed.prepare_model(model)  # no-op in one process
+    sharded = distributed.prepare_model(model, fsdp=fsdp)  # no-op in one process
     if saved is None and main_process:
         print(
             f"Model loaded in {time.time() - started:.0f} s; evaluating {len(eval_prompts)} held-out prompts ...", flush=True
@@ -373,6 +394,8 @@ def train(args: argparse.Namespace) -> dict:
         restore_sigint()
     train_seconds = time.time() - train_started
     stopped = sync.stopped if parallel else checkpoint.stopped
+    if stopped and fsdp:
+        raise TrainingInterrupted("none (--fsdp writes no checkpoints)", model.num_timesteps)
     if stopped:
         path = checkpoint.save_last_boundary() if main_process else None
         distributed.barrier()
@@ -381,6 +404,8 @@ def train(args: argparse.Namespace) -> dict:
         raise TrainingInterrupted(path, read_resume_state(path)["model"]["num_timesteps"])
     if parallel:
         distributed.check_in_sync(model.policy)
+    # FSDP: every rank takes part in gathering the full weights; rank 0 saves them
+    full_state = sharded.full_state_dict() if fsdp else None
     if not main_process:
         distributed.barrier()  # while rank 0 evaluates and saves
         return {}
@@ -389,9 +414,10 @@ def train(args: argparse.Namespace) -> dict:
     print(format_table(before, after, len(eval_prompts)), flush=True)
 
     curves = plot_rollout_history(history.history, os.path.join(args.output_dir, "curves.png"), f"PPO on {args.model}")
-    model_path = atomic_write(os.path.join(args.output_dir, "model.zip"), model.save)  # never a broken model.zip
     export_dir = os.path.join(args.output_dir, "pretrained")
-    model.policy.save_pretrained(export_dir)
+    with sharded.as_full_state(full_state) if full_state is not None else contextlib.nullcontext():
+        model_path = atomic_write(os.path.join(args.output_dir, "model.zip"), model.save)  # never a broken model.zip
+        model.policy.save_pretrained(export_dir)
     results = {
         "args": vars(args),
         "before": before.__dict__,

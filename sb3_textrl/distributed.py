@@ -20,6 +20,9 @@ buffer. What makes the ranks one run:
 Different episodes per rank: :func:`rank_seed` offsets the seed by ``rank * n_envs``, so rank ``r``'s environment ``i``
 gets the seed a single process with ``world_size * n_envs`` environments would give its environment ``r * n_envs + i``.
 
+FSDP mode (``prepare_model(model, fsdp=True)``, ``sb3-textrl train --fsdp``): the gradients and the Adam state are
+sharded across the ranks instead (:mod:`sb3_textrl.fsdp`).
+
 Launch: ``torchrun --nproc_per_node 2 -m sb3_textrl train ...`` (see ``docs/distributed.md``).
 """
 
@@ -43,6 +46,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from sb3_textrl.buffers import EpisodeRolloutBuffer
 from sb3_textrl.callbacks import EpisodeScores, KLPenaltyCallback, RolloutHistoryCallback
+from sb3_textrl.fsdp import ShardedPolicy, check_fsdp_policy
 
 _owned_group = [False]  # whether setup_distributed() initialised the process group
 
@@ -388,16 +392,20 @@ def reseed_replica(model: BaseAlgorithm, seed: int) -> None:
         model._last_episode_starts = np.ones((env.num_envs,), dtype=bool)
 
 
-def prepare_model(model: BaseAlgorithm) -> GradientAverager | None:
+def prepare_model(model: BaseAlgorithm, fsdp: bool = False) -> GradientAverager | ShardedPolicy | None:
     """
     Make ``model`` (built or loaded identically on every rank) a replica of a data-parallel run: broadcast rank 0's
     weights, average gradients across ranks in every backward, and give the rollout buffer equal minibatch counts.
 
     A no-op (``None``) without a process group of more than one rank.
 
-    :return: the :class:`GradientAverager` (``.remove()`` undoes the hooks)
-    :raises ValueError: for ``target_kl`` (its early stop differs between ranks) or a rollout buffer whose minibatch
-        count may differ between ranks
+    :param fsdp: shard the gradients and the optimizer state across the ranks with FSDP2 (:mod:`sb3_textrl.fsdp`)
+        instead of keeping a full replica of them on each rank
+    :return: the :class:`GradientAverager` (``.remove()`` undoes the hooks), or with ``fsdp`` the
+        :class:`~sb3_textrl.fsdp.ShardedPolicy` (its ``full_state_dict()`` gathers the weights to save)
+    :raises ValueError: for ``target_kl`` (its early stop differs between ranks), a rollout buffer whose minibatch
+        count may differ between ranks, or with ``fsdp`` a policy FSDP mode refuses
+        (:func:`~sb3_textrl.fsdp.check_fsdp_policy`)
     """
     if world_size() <= 1:
         return None
@@ -415,7 +423,11 @@ def prepare_model(model: BaseAlgorithm) -> GradientAverager | None:
             "(each is a collective): use RolloutBuffer, DictRolloutBuffer or EpisodeRolloutBuffer."
         )
     policy = model.policy
+    if fsdp:
+        check_fsdp_policy(policy)  # before any collective
     broadcast_module(policy)
     if hasattr(policy, "_kv_cache"):
         policy._kv_cache.reset()  # the weights changed in place
+    if fsdp:
+        return ShardedPolicy(policy)
     return GradientAverager(policy.parameters())

@@ -56,6 +56,9 @@ def generate_tokens(
         eos_token_id=list(eos_token_ids),
         pad_token_id=pad_token_id,
         use_cache=True,
+        # one rank generates alone (rank 0 evaluates): transformers would otherwise make every step a collective
+        # when the LM is FSDP-wrapped (`sb3_textrl.fsdp`)
+        synced_gpus=False,
     )
     completions = []
     for row in output[:, input_ids.shape[1] :].tolist():

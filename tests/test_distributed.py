@@ -191,3 +191,139 @@ def test_kl_coef_identical_across_ranks(two_rank_run):
 def test_ranks_sample_different_episodes(two_rank_run):
     actions = [np.load(two_rank_run / f"actions-{rank}.npy") for rank in range(WORLD_SIZE)]
     assert actions[0].shape == actions[1].shape and not np.array_equal(actions[0], actions[1])
+
+
+# --- FSDP mode ----------------------------------------------------------------------------------------------------------
+
+
+def _length_reward(prompts, completions):
+    return [len(completion) / 10 for completion in completions]
+
+
+def _ppo(model_path: str, seed: int, **policy_kwargs):
+    from stable_baselines3 import PPO
+
+    from sb3_textrl.buffers import EpisodeRolloutBuffer
+    from sb3_textrl.vec_env import make_text_vec_env
+
+    seed = distributed.rank_seed(seed, 2)
+    env_kwargs = dict(model_name_or_path=model_path, prompts=["hi there", "hello you", "what is up"], max_new_tokens=4)
+    env = make_text_vec_env(n_envs=2, seed=seed, env_kwargs=dict(env_kwargs, reward_fn=_length_reward))
+    return PPO(
+        "LMPolicy",
+        env,
+        n_steps=8,
+        batch_size=8,
+        learning_rate=1e-3,
+        rollout_buffer_class=EpisodeRolloutBuffer,
+        seed=seed,
+        device="cpu",
+        policy_kwargs={"prefix_sharing": False, **policy_kwargs},
+    )
+
+
+def _fsdp_worker(rank: int, tmp_path: str, model_path: str) -> None:
+    from sb3_textrl import cli
+    from sb3_textrl.fsdp import ShardedPolicy
+
+    distributed.setup_distributed("cpu")
+    with pytest.raises(ValueError, match="prefix_sharing=True"):  # refused before any collective
+        distributed.prepare_model(_ppo(model_path, 0, prefix_sharing=True), fsdp=True)
+    out = {}
+    for fsdp in (True, False):  # the same seeds and data, sharded or replicated training state
+        model = _ppo(model_path, 0)
+        prepared = distributed.prepare_model(model, fsdp=fsdp)
+        assert isinstance(prepared, ShardedPolicy) == fsdp
+        model.learn(32)
+        out[f"params-{fsdp}"] = {name: p.detach().clone() for name, p in model.policy.named_parameters()}
+        out[f"actions-{fsdp}"] = model.rollout_buffer.actions.copy()
+        if fsdp:
+            out["full"] = prepared.full_state_dict()
+    th.save(out, os.path.join(tmp_path, f"api-{rank}.pt"))
+
+    check_in_sync = distributed.check_in_sync
+
+    def save_then_check(module):  # the full weights each rank holds (state_dict() would reshard: parameters only)
+        weights = {name: p.detach().clone() for name, p in module.named_parameters()}
+        th.save(weights, os.path.join(tmp_path, f"weights-{rank}.pt"))
+        check_in_sync(module)
+
+    distributed.check_in_sync = save_then_check
+    argv = ["train", "--model", model_path, "--total-timesteps", "32", "--n-envs", "2", "--n-steps", "8", "--fsdp"]
+    argv += ["--batch-size", "8", "--max-new-tokens", "4", "--eval-samples", "1", "--learning-rate", "1e-3"]
+    argv += ["--kl-target", "0.01", "--kl-horizon", "10", "--eval-every", "1", "--no-progress-bar"]
+    assert cli.main([*argv, "--output-dir", os.path.join(tmp_path, "run")]) == 0
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, tiny_llama_path):
+    """One 2-rank FSDP session: PPO.learn with FSDP and with gradient averaging, then ``sb3-textrl train --fsdp``."""
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    _spawn(_fsdp_worker, tmp_path, tiny_llama_path)
+    return tmp_path
+
+
+def test_fsdp_ranks_hold_equal_trained_weights(fsdp_run, tiny_llama_path):
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(tiny_llama_path).state_dict()
+    for prefix in ("api", "weights"):  # PPO.learn, and the CLI run
+        if prefix == "api":
+            weights = [th.load(fsdp_run / f"api-{rank}.pt", weights_only=False)["params-True"] for rank in range(WORLD_SIZE)]
+        else:
+            weights = [th.load(fsdp_run / f"weights-{rank}.pt") for rank in range(WORLD_SIZE)]
+        assert weights[0].keys() == weights[1].keys()
+        for name in weights[0]:
+            assert type(weights[0][name]) is th.Tensor, name  # the full parameters, not DTensor shards
+            assert th.equal(weights[0][name], weights[1][name]), name
+        changed = [k for k, v in start.items() if "lm." + k in weights[0] and not th.equal(v, weights[0]["lm." + k])]
+        assert changed, f"{prefix}: training did not change the LM"
+
+
+def test_fsdp_matches_gradient_averaging(fsdp_run):
+    """Same seeds, same episodes: sharded and replicated training states give the same weights (up to rounding)."""
+    runs = [th.load(fsdp_run / f"api-{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    for run in runs:
+        np.testing.assert_array_equal(run["actions-True"], run["actions-False"])
+        for name, value in run["params-False"].items():
+            assert th.allclose(run["params-True"][name], value, rtol=0, atol=1e-6), name
+    # the gathered state dict (rank 0 only) is a single-process policy's, tied LM head included
+    full, replicated = runs[0]["full"], runs[0]["params-False"]
+    assert runs[1]["full"] == {}
+    assert "lm.lm_head.weight" in full and full.keys() >= replicated.keys()
+    for name, value in replicated.items():
+        assert th.allclose(full[name], value, rtol=0, atol=1e-6), name
+
+
+def test_fsdp_saved_model_loads_in_one_process(fsdp_run):
+    from stable_baselines3 import PPO
+    from transformers import AutoModelForCausalLM
+
+    weights = th.load(fsdp_run / "weights-0.pt")
+    assert sorted(os.listdir(fsdp_run / "run")) == ["curves.png", "eval", "model.zip", "pretrained", "results.json"]
+    model = PPO.load(fsdp_run / "run" / "model.zip", device="cpu")
+    for name, value in model.policy.named_parameters():
+        assert th.equal(value, weights[name]), name
+    assert not model.policy.optimizer.state  # the sharded Adam moments are not saved
+    exported = AutoModelForCausalLM.from_pretrained(fsdp_run / "run" / "pretrained").state_dict()
+    for name, value in exported.items():
+        assert th.equal(value, weights["lm." + name] if "lm." + name in weights else weights["lm.model.embed_tokens.weight"])
+    assert not dist.is_initialized()
+
+
+def test_fsdp_refusals(tiny_llama_path):
+    from sb3_textrl import cli
+    from sb3_textrl.fsdp import check_fsdp_policy
+
+    model = _ppo(tiny_llama_path, 0, prefix_sharing=True)
+    with pytest.raises(ValueError, match=r"prefix_sharing=True.*policy_kwargs=dict\(prefix_sharing=False\)"):
+        check_fsdp_policy(model.policy)
+    argv = ["train", "--model", tiny_llama_path, "--fsdp"]
+    with pytest.raises(ValueError, match="torchrun"):
+        cli.check_args(cli.build_parser().parse_args(argv))
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        with pytest.raises(ValueError, match=r"--checkpoint-every.*--fsdp"):
+            cli.check_args(cli.build_parser().parse_args([*argv, "--checkpoint-every", "2"]))
+    finally:
+        del os.environ["WORLD_SIZE"]
