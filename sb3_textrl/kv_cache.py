@@ -1,31 +1,24 @@
-"""A KV cache carried across rollout steps, so sampling costs one incremental forward per token."""
+"""A KV cache carried across rollout steps, so sampling costs one incremental forward per token.
+
+All rows' keys and values live side by side in one packed row (as packed batches in vLLM or FlashAttention's varlen
+kernels), each column tagged with the segment it belongs to and its position; a 4D attention mask lets each token see
+its own row's columns only. So tokens of different lengths run in one forward without padding: a step's new token of
+every running env *and* the whole prompt of an env that just restarted cost one forward together, where a padded batch
+would pad every row to the prompt's length (or need a second forward).
+"""
 
 from __future__ import annotations
 
 import torch as th
-import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from sb3_textrl.prefix_sharing import (
-    cache_layers,
-    forward_suffixes,
-    make_cache,
-    prefix_cache,
-    shared_prefix_length,
-    split_prefix,
-)
-from sb3_textrl.token_masks import last_token_index, position_ids
+from sb3_textrl.prefix_sharing import cache_layers, make_cache, shared_prefix_length, split_prefix
+from sb3_textrl.token_masks import last_token_index
 
 # new rows remembered per weights version (SmolLM2: ~45 KiB per token of a row's own keys and values)
 _MAX_ROWS_SEEN = 256
-
-
-def _left_pad(tensor: th.Tensor, width: int, dim: int) -> th.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    pad = [0, 0] * (tensor.dim() - 1 - dim % tensor.dim()) + [missing, 0]
-    return F.pad(tensor, pad)
+# dead columns (of finished episodes) kept until they outnumber the live ones and this many
+_MIN_COLUMNS_DROPPED = 256
 
 
 def right_align(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
@@ -37,19 +30,49 @@ def right_align(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Ten
     return input_ids.gather(1, index), attention_mask.gather(1, index)
 
 
+def packed_attention_mask(
+    key_segment: th.Tensor,
+    key_position: th.Tensor,
+    query_segments: th.Tensor,
+    query_position: th.Tensor,
+    lm: PreTrainedModel,
+) -> th.Tensor:
+    """
+    The 4D attention mask of queries over packed columns: a query sees the columns of its segments at positions up to
+    its own (causal within a row; a shared prefix is a segment of its own that several rows see).
+
+    :param key_segment: ``(n_keys,)`` int64, segment of each key column
+    :param key_position: ``(n_keys,)`` int64, position id of each key column
+    :param query_segments: ``(n_queries, 2)`` int64, the two segments a query sees (its row's own, its prefix's)
+    :param query_position: ``(n_queries,)`` int64
+    :return: ``(1, 1, n_queries, n_keys)``: boolean (True: attend), or additive float for ``attn_implementation="eager"``
+    """
+    allowed = (key_segment[None, :, None] == query_segments[:, None, :]).any(dim=2)
+    allowed &= key_position[None, :] <= query_position[:, None]
+    if lm.config._attn_implementation == "eager":  # adds the mask to the attention scores
+        return th.zeros(allowed.shape, dtype=lm.dtype, device=allowed.device).masked_fill_(~allowed, th.finfo(lm.dtype).min)[
+            None, None
+        ]
+    return allowed[None, None]
+
+
 class RolloutKVCache:
     """
-    The key/value cache of the observations a policy saw at its previous call, one row per environment.
+    The key/value cache of the observations a policy saw at its previous call, one segment per environment.
 
     At each call, every row is either the same observation as before (its hidden state is reused), the same plus one
-    token (one incremental forward over that token), or new (an environment reset: a forward over its whole
-    observation). Rows keep their own attention mask over the cache, and position ids follow the observation's
-    mask, so the results equal a forward over the full observation. Correct for any sequence of observations: a row
-    whose tokens do not extend the cached ones is recomputed.
+    token (an incremental step over that token), or new (an environment reset: its whole observation runs). All of a
+    call's new tokens, steps and new rows alike, run in **one** forward over the packed cache; position ids follow each
+    observation's mask, so the results equal a forward over the full observation up to float rounding. Correct for any
+    sequence of observations: a row whose tokens do not extend the cached ones is recomputed.
 
     New rows run only what follows the opening tokens that all current observations share (a chat template's system
-    prompt): that prefix's keys and values are computed once per weights version (:mod:`sb3_textrl.prefix_sharing`),
-    and so are those of each distinct new row (an env restarting on a prompt already seen costs no forward).
+    prompt; :mod:`sb3_textrl.prefix_sharing`): the prefix is one segment, computed once per weights version, that the
+    rows see besides their own; each distinct new row is also computed once per weights version (an env restarting on
+    a prompt already seen costs no forward: its keys and values are copied into the cache).
+
+    Needs an LM that accepts a custom 4D attention mask (transformers' Llama, GPT-2, Qwen2, ... with
+    ``attn_implementation`` ``"sdpa"`` or ``"eager"``); sliding-window attention is not applied in this path.
 
     :param lm: the causal LM (its ``base_model`` is run)
     """
@@ -65,27 +88,30 @@ class RolloutKVCache:
 
     def reset(self) -> None:
         self._params = list(self.lm.parameters())  # collected once: walking the modules costs ~3 ms per call
-        # keys and values of the shared prefix (by its tokens) under the current weights
+        # keys and values of each shared prefix (by its tokens) under the current weights: per layer (kv_heads, p, dim)
         self.prefix_layers: dict[tuple[int, ...], list[tuple[th.Tensor, th.Tensor]]] = {}
         # each new row seen under the current weights, by (prefix, own tokens): last hidden state, own keys/values
         self.rows_seen: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[th.Tensor, list]] = {}
         self.fingerprint: tuple[int, int] | None = None
         self.input_ids: th.Tensor | None = None  # (batch, max_length): the observations the cache holds
         self.obs_mask: th.Tensor | None = None
-        self.cache_mask: th.Tensor | None = None  # (batch, cache_length)
-        self.layers: list[tuple[th.Tensor, th.Tensor]] = []
-        self.cache: DynamicCache | None = None  # the same tensors as `layers`, as a cache object the LM can extend
         self.hidden: th.Tensor | None = None  # (batch, hidden_size): last hidden state of each row
+        self.layers: list[tuple[th.Tensor, th.Tensor]] = []  # per layer (1, kv_heads, length, head_dim)
+        self.cache: DynamicCache | None = None  # the same tensors as `layers`, as a cache object the LM can extend
+        self.segment = th.empty(0, dtype=th.long)  # (length,): segment of each column
+        self.position = th.empty(0, dtype=th.long)  # (length,): position id of each column
+        self.row_segments: th.Tensor | None = None  # (batch, 2): each row's own segment and its prefix's
+        self.prefix_segments: dict[tuple[int, ...], int] = {}  # prefixes in the cache: their segment
+        self._next_segment = 0
 
-    def _run(self, input_ids, attention_mask, position_ids, past=None):
-        out = self.lm.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past,
-            use_cache=True,
-        )
-        return out[0][:, -1], out.past_key_values
+    @property
+    def length(self) -> int:
+        """Number of columns the cache holds."""
+        return int(self.segment.shape[0])
+
+    def _new_segment(self) -> int:
+        self._next_segment += 1
+        return self._next_segment - 1
 
     @th.no_grad()
     def last_hidden(self, input_ids: th.Tensor, attention_mask: th.Tensor, prefix_sharing: bool = True) -> th.Tensor:
@@ -97,142 +123,137 @@ class RolloutKVCache:
         :param prefix_sharing: new rows run only what follows the opening tokens all observations share
         :return: ``(batch, hidden_size)``
         """
-        batch = input_ids.shape[0]
+        batch, device = input_ids.shape[0], input_ids.device
         fingerprint = self._weights_fingerprint()
-        if (
-            self.input_ids is None
-            or self.input_ids.shape != input_ids.shape
-            or fingerprint != self.fingerprint
-            or self.cache_mask.shape[1] > 2 * input_ids.shape[1]  # rows that never advance: rebuild, stay bounded
-        ):
+        if self.input_ids is None or self.input_ids.shape != input_ids.shape or fingerprint != self.fingerprint:
             self.reset()
             self.fingerprint = fingerprint
-            return self._store(
-                input_ids,
-                attention_mask,
-                *self._fresh(input_ids, attention_mask, self._prefix_length(input_ids, attention_mask, prefix_sharing)),
-            )
-        old_ids, old_mask = self.input_ids, self.obs_mask
-        new_last, old_last = last_token_index(attention_mask), last_token_index(old_mask)
-        tokens_kept = ((input_ids == old_ids) | ~old_mask.bool()).all(dim=1)
-        same = tokens_kept & (attention_mask == old_mask).all(dim=1)
-        grown = old_mask.clone()
-        grown[th.arange(batch), (old_last + 1).clamp(max=input_ids.shape[1] - 1)] = 1
-        extended = tokens_kept & (new_last == old_last + 1) & (attention_mask == grown).all(dim=1)
+            self.segment, self.position = self.segment.to(device), self.position.to(device)
+            self.row_segments = th.full((batch, 2), -1, dtype=th.long, device=device)
+            same = extended = th.zeros(batch, dtype=th.bool, device=device)
+        else:
+            old_ids, old_mask = self.input_ids, self.obs_mask
+            new_last, old_last = last_token_index(attention_mask), last_token_index(old_mask)
+            tokens_kept = ((input_ids == old_ids) | ~old_mask.bool()).all(dim=1)
+            same = tokens_kept & (attention_mask == old_mask).all(dim=1)
+            grown = old_mask.clone()
+            grown[th.arange(batch), (old_last + 1).clamp(max=input_ids.shape[1] - 1)] = 1
+            extended = tokens_kept & (new_last == old_last + 1) & (attention_mask == grown).all(dim=1)
+            if same.all():
+                return self.hidden
         fresh = ~(same | extended)
-        if same.all():
-            return self.hidden
-        if extended.all():  # the common case: every env took one step; extend the cache in place
-            new_positions = (attention_mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
-            self.cache_mask = F.pad(self.cache_mask, (0, 1), value=1)
-            past = self.cache if self.cache is not None else make_cache(self.layers)
-            new_tokens = input_ids[th.arange(batch), new_last][:, None]
-            hidden, self.cache = self._run(new_tokens, self.cache_mask, new_positions, past)
-            self.layers = cache_layers(self.cache)
-            return self._store(input_ids, attention_mask, hidden, None, None)
 
-        hidden = th.empty_like(self.hidden)
-        width = self.cache_mask.shape[1] + 1
-        parts: list[tuple[th.Tensor, th.Tensor, list[tuple[th.Tensor, th.Tensor]]]] = []  # (rows, mask, layers)
-        if extended.any():
-            rows = extended.nonzero().squeeze(1)
-            mask = F.pad(self.cache_mask[rows], (0, 1), value=1)
-            past = make_cache([(k[rows], v[rows]) for k, v in self.layers])
-            new_positions = (attention_mask[rows].sum(dim=1, keepdim=True) - 1).clamp(min=0)
-            hidden[rows], cache = self._run(input_ids[rows, new_last[rows]][:, None], mask, new_positions, past)
-            parts.append((rows, mask, cache_layers(cache)))
-        if same.any():
-            rows = same.nonzero().squeeze(1)
-            hidden[rows] = self.hidden[rows]
-            # a masked dummy column keeps every row's cache the same length
-            layers = [(F.pad(k[rows], (0, 0, 0, 1)), F.pad(v[rows], (0, 0, 0, 1))) for k, v in self.layers]
-            parts.append((rows, F.pad(self.cache_mask[rows], (0, 1), value=0), layers))
+        # the call's new tokens, one group per row (or prefix): (row or None, ids, positions, segments it sees)
+        groups: list[tuple[int | None, th.Tensor, th.Tensor, th.Tensor]] = []
+        hidden: list[th.Tensor | None] = [self.hidden[i] if bool(same[i]) else None for i in range(batch)]
+        for i in extended.nonzero().flatten().tolist():
+            position = attention_mask[i].sum(dim=0, keepdim=True) - 1
+            groups.append((i, input_ids[i, last_token_index(attention_mask[i : i + 1])], position, self.row_segments[i]))
+        todo: list[tuple[int, tuple]] = []  # fresh rows computed in this call, to remember
         if fresh.any():
-            rows = fresh.nonzero().squeeze(1)
-            prefix_length = self._prefix_length(input_ids, attention_mask, prefix_sharing)
-            fresh_hidden, mask, layers = self._fresh(input_ids[rows], attention_mask[rows], prefix_length)
-            hidden[rows] = fresh_hidden
-            width = max(width, mask.shape[1])
-            parts.append((rows, mask, layers))
+            p = shared_prefix_length(input_ids, attention_mask) if prefix_sharing else 0
+            rows = fresh.nonzero().flatten()
+            prefix_segment = -1
+            if p:
+                prefix, ids, mask, _ = split_prefix(input_ids[rows], attention_mask[rows], p)
+                prefix_key = tuple(prefix.tolist())
+                prefix_segment = self._prefix_segment(prefix_key, prefix, groups)
+            else:
+                prefix_key, (ids, mask) = (), right_align(input_ids[rows], attention_mask[rows])
+            positions = p + (mask.cumsum(dim=1) - 1).clamp(min=0)
+            for j, i in enumerate(rows.tolist()):
+                own = mask[j].bool()
+                key = (prefix_key, tuple(ids[j, own].tolist()))
+                segment = self._new_segment()
+                self.row_segments[i] = th.tensor([segment, prefix_segment if p else segment], device=device)
+                if key in self.rows_seen:  # its keys and values are known: copy them in, no forward
+                    hidden[i], layers = self.rows_seen[key]
+                    self._append(layers, segment, positions[j, own])
+                else:
+                    todo.append((i, key))
+                    groups.append((i, ids[j, own], positions[j, own], self.row_segments[i]))
 
-        cache_mask = th.zeros((batch, width), dtype=attention_mask.dtype, device=attention_mask.device)
-        merged = [
-            (k.new_zeros((batch, *k.shape[1:2], width, k.shape[3])), v.new_zeros((batch, *v.shape[1:2], width, v.shape[3])))
-            for k, v in parts[0][2]
-        ]
-        for rows, mask, layers in parts:
-            cache_mask[rows] = _left_pad(mask, width, dim=1)
-            for (mk, mv), (k, v) in zip(merged, layers):
-                mk[rows] = _left_pad(k, width, dim=2)
-                mv[rows] = _left_pad(v, width, dim=2)
-        self.cache_mask, self.layers, self.cache = cache_mask, merged, None
-        return self._store(input_ids, attention_mask, hidden, None, None)
+        if groups:
+            self._forward(groups, hidden, todo)
+        self.input_ids, self.obs_mask, self.hidden = input_ids.clone(), attention_mask.clone(), th.stack(hidden)
+        self._drop_dead_columns()
+        return self.hidden
 
-    @staticmethod
-    def _prefix_length(input_ids: th.Tensor, attention_mask: th.Tensor, prefix_sharing: bool) -> int:
-        # from the current observations only (not from earlier calls), so that results never depend on history
-        return shared_prefix_length(input_ids, attention_mask) if prefix_sharing else 0
+    def _prefix_segment(self, prefix_key: tuple[int, ...], prefix: th.Tensor, groups: list) -> int:
+        """The prefix's segment in the cache: kept, copied in from memory, or queued to run in this call's forward."""
+        if prefix_key in self.prefix_segments:
+            return self.prefix_segments[prefix_key]
+        segment = self._new_segment()
+        self.prefix_segments[prefix_key] = segment
+        positions = th.arange(len(prefix_key), device=prefix.device)
+        if prefix_key in self.prefix_layers:
+            self._append(self.prefix_layers[prefix_key], segment, positions)
+        else:  # first in the call's forward, so that the rows that follow it see it
+            groups.insert(0, (None, prefix, positions, th.tensor([segment, segment], device=prefix.device)))
+        return segment
 
-    def _fresh(self, input_ids: th.Tensor, attention_mask: th.Tensor, prefix_length: int = 0):
-        """New rows; with ``prefix_length``, rows whose first ``prefix_length`` attended tokens are the same."""
-        if prefix_length:
-            return self._fresh_after_prefix(input_ids, attention_mask, prefix_length)
-        ids, mask = right_align(input_ids, attention_mask)
-        attended = mask.any(dim=0).nonzero()
-        ids, mask = ids[:, int(attended.min()) :], mask[:, int(attended.min()) :]
-        hidden, cache = self._run(ids, mask, position_ids(mask))
-        return hidden, mask, cache_layers(cache)
+    def _append(self, layers: list[tuple[th.Tensor, th.Tensor]], segment: int, positions: th.Tensor) -> None:
+        """Copy known keys and values (per layer ``(kv_heads, n, head_dim)``) into the cache as a segment."""
+        if self.layers:
+            self.layers = [
+                (th.cat([k, nk[None]], dim=2), th.cat([v, nv[None]], dim=2)) for (k, v), (nk, nv) in zip(self.layers, layers)
+            ]
+        else:
+            self.layers = [(nk[None], nv[None]) for nk, nv in layers]
+        self.cache = None
+        self.segment = th.cat([self.segment, th.full_like(positions, segment)])
+        self.position = th.cat([self.position, positions])
 
-    def _fresh_after_prefix(self, input_ids: th.Tensor, attention_mask: th.Tensor, p: int):
-        """
-        New rows that share their first ``p`` tokens: the prefix's keys and values are computed once, and so is each
-        distinct row (an env that restarts on a prompt already seen under these weights costs no forward).
-        """
-        prefix, suffix_ids, suffix_mask, _ = split_prefix(input_ids, attention_mask, p)
-        prefix_key = tuple(prefix.tolist())
-        if prefix_key not in self.prefix_layers:  # per weights version: reset() empties it
-            self.prefix_layers = {prefix_key: prefix_cache(self.lm, prefix)}  # one prefix at a time
-        prefix_layers = self.prefix_layers[prefix_key]
-        lengths = suffix_mask.sum(dim=1).tolist()
-        keys = [(prefix_key, tuple(row[:n].tolist())) for row, n in zip(suffix_ids, lengths)]
-        todo = [i for i, key in enumerate(keys) if key not in self.rows_seen]
-        if len(self.rows_seen) + len(todo) > _MAX_ROWS_SEEN:  # bounded (predict() over many prompts): keep this call's
-            self.rows_seen = {key: self.rows_seen[key] for key in keys if key in self.rows_seen}
-        if todo:
-            rows = th.tensor(todo, device=input_ids.device)
-            width = max(lengths[i] for i in todo)
-            hidden, _, cache = forward_suffixes(
-                self.lm, prefix_layers, suffix_ids[rows, :width], suffix_mask[rows, :width], use_cache=True
-            )
-            layers = cache_layers(cache)
-            for j, i in enumerate(todo):
-                n = lengths[i]
-                # copies: a view would keep the whole batch's cache alive
-                suffix_layers = [(k[j, :, p : p + n].clone(), v[j, :, p : p + n].clone()) for k, v in layers]
-                self.rows_seen[keys[i]] = (hidden[j, n - 1].clone(), suffix_layers)
-        # the layout of forward_suffixes: prefix columns, then each row's own tokens, right padding
-        batch, width = suffix_ids.shape
-        merged = []
-        for index, (prefix_keys, prefix_values) in enumerate(prefix_layers):
-            keys_out = prefix_keys.new_zeros(batch, prefix_keys.shape[1], p + width, prefix_keys.shape[3])
-            values_out = th.zeros_like(keys_out)
-            keys_out[:, :, :p], values_out[:, :, :p] = prefix_keys, prefix_values
-            for i, key in enumerate(keys):
-                row_keys, row_values = self.rows_seen[key][1][index]
-                keys_out[i, :, p : p + lengths[i]], values_out[i, :, p : p + lengths[i]] = row_keys, row_values
-            merged.append((keys_out, values_out))
-        hidden = th.stack([self.rows_seen[key][0] for key in keys])
-        return hidden, th.cat([suffix_mask.new_ones(batch, p), suffix_mask], dim=1), merged
+    def _forward(self, groups: list, hidden: list, todo: list) -> None:
+        """One forward over all groups' tokens, packed; fills ``hidden`` and remembers new rows and prefixes."""
+        ids = th.cat([g[1] for g in groups])
+        positions = th.cat([g[2] for g in groups])
+        sees = th.cat([g[3][None].expand(len(g[1]), 2) for g in groups])
+        segments = sees[:, 0]
+        mask = packed_attention_mask(
+            th.cat([self.segment, segments]), th.cat([self.position, positions]), sees, positions, self.lm
+        )
+        if self.cache is None and self.layers:
+            self.cache = make_cache(self.layers)
+        out = self.lm.base_model(
+            input_ids=ids[None],
+            attention_mask=mask,
+            position_ids=positions[None],
+            past_key_values=self.cache if self.cache is not None else DynamicCache(),
+            use_cache=True,
+        )
+        start = self.length
+        self.cache = out.past_key_values
+        self.layers = cache_layers(self.cache)
+        self.segment, self.position = th.cat([self.segment, segments]), th.cat([self.position, positions])
+        remember = dict(todo)
+        if len(self.rows_seen) + len(remember) > _MAX_ROWS_SEEN:  # bounded (predict() over many prompts)
+            self.rows_seen = {}
+        offset = 0
+        for row, group_ids, _, _ in groups:
+            n = len(group_ids)
+            columns = slice(start + offset, start + offset + n)
+            offset += n
+            if row is None:  # a prefix: remember its keys and values
+                prefix_key = tuple(group_ids.tolist())
+                self.prefix_layers = {
+                    prefix_key: [(k[0, :, columns].clone(), v[0, :, columns].clone()) for k, v in self.layers]
+                }
+                continue
+            hidden[row] = out[0][0, offset - 1]
+            if row in remember:  # copies: a view would keep the whole cache alive
+                layers = [(k[0, :, columns].clone(), v[0, :, columns].clone()) for k, v in self.layers]
+                self.rows_seen[remember[row]] = (hidden[row].clone(), layers)
 
-    def _store(self, input_ids, attention_mask, hidden, cache_mask, layers) -> th.Tensor:
-        if cache_mask is not None:
-            self.cache_mask, self.layers, self.cache = cache_mask, layers, None
-        # drop the leading columns that no row attends to any more (finished episodes)
-        attended = self.cache_mask.any(dim=0).nonzero()
-        start = int(attended.min()) if len(attended) else 0
-        if start > 0:
-            self.cache_mask = self.cache_mask[:, start:]
-            self.layers = [(k[:, :, start:], v[:, :, start:]) for k, v in self.layers]
-            self.cache = None
-        self.input_ids, self.obs_mask, self.hidden = input_ids.clone(), attention_mask.clone(), hidden
-        return hidden
+    def _drop_dead_columns(self) -> None:
+        """Drop the columns of finished episodes (and unused prefixes) once they outnumber the live ones."""
+        live = th.isin(self.segment, self.row_segments.flatten())
+        dead = self.length - int(live.sum())
+        if dead <= max(_MIN_COLUMNS_DROPPED, self.length - dead):
+            return
+        keep = live.nonzero().flatten()
+        self.layers = [(k[:, :, keep], v[:, :, keep]) for k, v in self.layers]
+        self.cache = None
+        self.segment, self.position = self.segment[keep], self.position[keep]
+        kept = set(self.segment.unique().tolist())
+        self.prefix_segments = {key: s for key, s in self.prefix_segments.items() if s in kept}

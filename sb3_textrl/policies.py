@@ -199,9 +199,20 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         self._kv_cache = RolloutKVCache(lm)
         trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
-        # the gradients are spent once the step is taken: free them (as zero_grad(set_to_none=True) would before the
-        # next backward), so that the next minibatch's forward does not hold them next to its activations
-        self.optimizer.register_step_post_hook(_release_gradients)
+        self.optimizer.register_step_post_hook(self._after_optimizer_step)
+
+    def _after_optimizer_step(self, optimizer: th.optim.Optimizer, args, kwargs) -> None:
+        # the gradients are spent: free them (as zero_grad(set_to_none=True) would before the next backward), so that
+        # the next minibatch's forward does not hold them next to its activations
+        optimizer.zero_grad(set_to_none=True)
+        # the weights changed: fused Adam steps them without bumping their version counters, which the KV cache checks
+        self._kv_cache.reset()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # a copied optimizer comes without its hooks (torch.optim.Optimizer.__getstate__ keeps none): hook the copy
+        if "optimizer" in state and self._after_optimizer_step not in self.optimizer._optimizer_step_post_hooks.values():
+            self.optimizer.register_step_post_hook(self._after_optimizer_step)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -402,10 +413,6 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             self.lm.save_pretrained(save_directory)
         self.tokenizer.save_pretrained(save_directory)
         th.save(self.value_head.state_dict(), os.path.join(save_directory, "value_head.pt"))
-
-
-def _release_gradients(optimizer: th.optim.Optimizer, args, kwargs) -> None:
-    optimizer.zero_grad(set_to_none=True)
 
 
 def make_peft_model(lm: PreTrainedModel, lora_config: Any):

@@ -332,12 +332,14 @@ def fresh_distribution(policy, obs):
     return distribution.distribution.logits.detach(), values.detach()
 
 
-@pytest.mark.parametrize("n_envs", [1, 3])
-def test_kv_cache_matches_full_forward(tiny_lm_path, n_envs):
+@pytest.mark.parametrize("n_envs, attn_implementation", [(1, "sdpa"), (3, "sdpa"), (3, "eager")])
+def test_kv_cache_matches_full_forward(tiny_lm_path, n_envs, attn_implementation):
     from stable_baselines3.common.env_util import make_vec_env
 
     env = make_vec_env(lambda: make_env(tiny_lm_path, max_new_tokens=4), n_envs=n_envs, seed=0)
-    policy = make_policy(env)
+    policy = make_policy(env, model_kwargs=dict(attn_implementation=attn_implementation))
+    assert policy.lm.config._attn_implementation == attn_implementation
+    policy.set_training_mode(False)  # as in a rollout: the cache serves eval-mode calls without gradients
     assert policy.use_kv_cache
     with th.no_grad():
         th.nn.init.normal_(policy.value_head.weight, std=1.0)
@@ -353,6 +355,7 @@ def test_kv_cache_matches_full_forward(tiny_lm_path, n_envs):
         logits, expected_values = fresh_distribution(policy, obs_t)
         th.testing.assert_close(cached_logits, logits, atol=1e-4, rtol=0)
         th.testing.assert_close(values, expected_values, atol=1e-4, rtol=0)
+        assert policy._kv_cache.length > 0  # the cached path was taken
         # random tokens, with early EOS: episodes of different lengths and resets at different steps
         actions = np.where(rng.random(n_envs) < 0.2, eos, rng.integers(3, 300, n_envs))
         obs, _, dones, _ = env.step(actions)
@@ -360,9 +363,32 @@ def test_kv_cache_matches_full_forward(tiny_lm_path, n_envs):
     assert n_resets >= 5
 
 
+def test_kv_cache_one_forward_for_steps_and_restarts(tiny_llama_path):
+    """A call where some envs take a step and others restart runs one forward, over the new tokens only (packed)."""
+    env = make_env(tiny_llama_path, max_new_tokens=4)
+    policy = make_policy(env, prefix_sharing=False)  # row 1 then runs all its tokens
+    policy.set_training_mode(False)  # as in a rollout
+    steps = [step for episode in collect_episodes(env, 3) for step in episode]
+    first, second = stack([steps[0], steps[1]])[0], stack([steps[1], steps[len(steps) // 2]])[0]
+    assert first["input_ids"].shape == second["input_ids"].shape
+    calls = []
+    hook = policy.lm.base_model.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    with th.no_grad():
+        policy.get_distribution(first)  # fills the cache
+        calls.clear()
+        logits = policy.get_distribution(second).distribution.logits  # row 0 takes a step, row 1 is a new episode
+    hook.remove()
+    n_new = 1 + int(second["attention_mask"][1].sum())  # row 0's new token, all of row 1's tokens
+    assert calls == [(1, n_new)]
+    th.testing.assert_close(logits, fresh_distribution(policy, second)[0], atol=1e-4, rtol=0)
+
+
 def test_kv_cache_any_sequence_of_observations(tiny_llama_path):
     env = make_env(tiny_llama_path, max_new_tokens=4)
     policy = make_policy(env)
+    policy.set_training_mode(False)
     steps = [step for episode in collect_episodes(env, 4) for step in episode]
     rng = np.random.default_rng(1)
     for _ in range(12):  # batches of unrelated observations, some repeated, some one token longer
@@ -371,6 +397,7 @@ def test_kv_cache_any_sequence_of_observations(tiny_llama_path):
         with th.no_grad():
             logits = policy.get_distribution(obs).distribution.logits
         th.testing.assert_close(logits, fresh_distribution(policy, obs)[0], atol=1e-4, rtol=0)
+        assert policy._kv_cache.length > 0
 
 
 def test_kv_cache_reset_on_weight_updates(tiny_llama_path):
@@ -406,9 +433,11 @@ def test_kv_cache_reset_on_weight_updates(tiny_llama_path):
 def test_kv_cache_after_in_place_weight_change(tiny_llama_path):
     env = make_env(tiny_llama_path)
     policy = make_policy(env)
+    policy.set_training_mode(False)
     obs, _ = stack([step for episode in collect_episodes(env, 1) for step in episode][:2])
     with th.no_grad():
         policy.get_distribution(obs)
+        assert policy._kv_cache.length > 0
         for param in policy.lm.parameters():
             param.data = param.data + 0.05 * th.randn_like(param)
         cached = policy.get_distribution(obs).distribution.logits
@@ -451,7 +480,7 @@ def test_kv_cache_repeated_observation_bounded(tiny_llama_path):
     policy = make_policy(env)
     repeat_then_extend(policy, env, n_repeats=40)
     # the cache never needs more columns than an observation has
-    assert policy._kv_cache.cache_mask.shape[1] <= env.unwrapped.max_length
+    assert policy._kv_cache.length <= env.unwrapped.max_length
 
 
 def test_kv_cache_of_deepcopied_policy(tiny_llama_path):
@@ -460,14 +489,17 @@ def test_kv_cache_of_deepcopied_policy(tiny_llama_path):
     env = make_env(tiny_llama_path)
     policy = make_policy(env)
     obs, actions = stack([step for episode in collect_episodes(env, 1) for step in episode][:2])
+    policy.set_training_mode(False)
     clone = copy.deepcopy(policy)
     assert clone.optimizer is not policy.optimizer
     with th.no_grad():
         clone.get_distribution(obs)  # fills the copy's cache
+    assert clone._kv_cache.length > 0 and policy._kv_cache.length == 0
     loss = -clone.evaluate_actions(obs, actions)[1].mean()
     clone.optimizer.zero_grad()
     loss.backward()
     clone.optimizer.step()
+    assert all(p.grad is None for p in clone.parameters())  # the copy's optimizer kept the policy's post-step hook
     with th.no_grad():
         cached = clone.get_distribution(obs).distribution.logits
     th.testing.assert_close(cached, fresh_distribution(clone, obs)[0], atol=1e-4, rtol=0)
