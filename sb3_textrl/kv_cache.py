@@ -9,8 +9,12 @@ would pad every row to the prompt's length (or need a second forward).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch as th
-from transformers import DynamicCache, PreTrainedModel
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sb3_textrl.prefix_sharing import cache_layers, make_cache, shared_prefix_length, split_prefix
 from sb3_textrl.token_masks import last_token_index
@@ -30,12 +34,55 @@ def right_align(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Ten
     return input_ids.gather(1, index), attention_mask.gather(1, index)
 
 
+def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """
+    Scaled dot-product attention over the packed cache, for grouped-query attention without copies of the keys and
+    values: the ``n_rep`` query heads that read one key/value head run as ``n_rep`` blocks of query rows of that head
+    (transformers' own SDPA path repeats the whole cache per query head whenever a mask is given).
+
+    :param query: ``(batch, heads, n_queries, head_dim)``
+    :param key: ``(batch, kv_heads, n_keys, head_dim)``, and ``value`` alike
+    :param attention_mask: ``(batch, 1, n_queries, n_keys)`` boolean (True: attend)
+    :return: ``(batch, n_queries, heads, head_dim)`` and ``None`` (no attention weights), as transformers' attention
+        functions return
+    """
+    if dropout or any(kwargs.get(name) is not None for name in ("softcap", "sliding_window", "s_aux", "position_bias")):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    batch, heads, length, dim = query.shape
+    n_rep = heads // key.shape[1]
+    # query head h reads key/value head h // n_rep (transformers' repeat_kv order)
+    query = query.reshape(batch, key.shape[1], n_rep * length, dim)
+    mask = attention_mask.repeat(1, 1, n_rep, 1) if n_rep > 1 else attention_mask
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+PACKED_ATTENTION = "sb3_textrl_packed_sdpa"
+AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+
+
+@contextlib.contextmanager
+def packed_attention(lm: PreTrainedModel):
+    """Within the block, the LM's attention layers run :func:`packed_sdpa_attention` (text-only configs)."""
+    config = lm.config
+    previous = config._attn_implementation
+    if config.sub_configs:  # a composite model: leave its per-part settings alone
+        yield previous
+        return
+    config._attn_implementation = PACKED_ATTENTION
+    try:
+        yield PACKED_ATTENTION
+    finally:
+        config._attn_implementation = previous
+
+
 def packed_attention_mask(
     key_segment: th.Tensor,
     key_position: th.Tensor,
     query_segments: th.Tensor,
     query_position: th.Tensor,
-    lm: PreTrainedModel,
+    attention: str = PACKED_ATTENTION,
+    dtype: th.dtype = th.float32,
 ) -> th.Tensor:
     """
     The 4D attention mask of queries over packed columns: a query sees the columns of its segments at positions up to
@@ -45,12 +92,14 @@ def packed_attention_mask(
     :param key_position: ``(n_keys,)`` int64, position id of each key column
     :param query_segments: ``(n_queries, 2)`` int64, the two segments a query sees (its row's own, its prefix's)
     :param query_position: ``(n_queries,)`` int64
-    :return: ``(1, 1, n_queries, n_keys)``: boolean (True: attend), or additive float for ``attn_implementation="eager"``
+    :param attention: the attention implementation that reads the mask
+    :param dtype: the dtype of an additive mask (``"eager"`` attention)
+    :return: ``(1, 1, n_queries, n_keys)``: boolean (True: attend), or for ``"eager"`` additive, 0 or ``dtype``'s minimum
     """
     allowed = (key_segment[None, :, None] == query_segments[:, None, :]).any(dim=2)
     allowed &= key_position[None, :] <= query_position[:, None]
-    if lm.config._attn_implementation == "eager":  # adds the mask to the attention scores
-        return th.zeros(allowed.shape, dtype=lm.dtype, device=allowed.device).masked_fill_(~allowed, th.finfo(lm.dtype).min)[
+    if attention == "eager":  # adds the mask to the attention scores
+        return th.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, th.finfo(dtype).min)[
             None, None
         ]
     return allowed[None, None]
@@ -210,18 +259,19 @@ class RolloutKVCache:
         positions = th.cat([g[2] for g in groups])
         sees = th.cat([g[3][None].expand(len(g[1]), 2) for g in groups])
         segments = sees[:, 0]
-        mask = packed_attention_mask(
-            th.cat([self.segment, segments]), th.cat([self.position, positions]), sees, positions, self.lm
-        )
         if self.cache is None and self.layers:
             self.cache = make_cache(self.layers)
-        out = self.lm.base_model(
-            input_ids=ids[None],
-            attention_mask=mask,
-            position_ids=positions[None],
-            past_key_values=self.cache if self.cache is not None else DynamicCache(),
-            use_cache=True,
-        )
+        with packed_attention(self.lm) as attention:
+            mask = packed_attention_mask(
+                th.cat([self.segment, segments]), th.cat([self.position, positions]), sees, positions, attention, self.lm.dtype
+            )
+            out = self.lm.base_model(
+                input_ids=ids[None],
+                attention_mask=mask,
+                position_ids=positions[None],
+                past_key_values=self.cache if self.cache is not None else DynamicCache(),
+                use_cache=True,
+            )
         start = self.length
         self.cache = out.past_key_values
         self.layers = cache_layers(self.cache)
