@@ -85,7 +85,7 @@ def prepare(workdir: str, model: str) -> None:
         json.dump(dict(prompts=prompts, input_ids=ids, pad_token_id=tokenizer.pad_token_id), f)
 
 
-def run_ours(workdir: str, model: str, warmup: int, iterations: int, threads: int) -> None:
+def run_ours(workdir: str, model: str, warmup: int, iterations: int, threads: int, bf16: bool = False) -> None:
     """Project venv: the main job's PPO setup, timed per ``learn()`` iteration (rollout + KL callback + train)."""
     import gymnasium as gym
     import torch as th
@@ -137,6 +137,7 @@ def run_ours(workdir: str, model: str, warmup: int, iterations: int, threads: in
         rollout_buffer_class=EpisodeRolloutBuffer,
         seed=0,
         device="cpu",
+        policy_kwargs=dict(autocast_dtype="bfloat16") if bf16 else None,
     )
     load_seconds = time.perf_counter() - started
     timer = IterationTimer()
@@ -148,7 +149,7 @@ def run_ours(workdir: str, model: str, warmup: int, iterations: int, threads: in
     report("ours", seconds, warmup, load_seconds=load_seconds, threads=th.get_num_threads(), ref_kl=kl_callback.last_kl)
 
 
-def run_trl(workdir: str, warmup: int, iterations: int, threads: int) -> None:
+def run_trl(workdir: str, warmup: int, iterations: int, threads: int, bf16: bool = False) -> None:
     """TRL venv: TRL's experimental PPOTrainer, timed per PPO update (one ``on_step_end`` to the next)."""
     import torch as th
     import transformers
@@ -213,7 +214,7 @@ def run_trl(workdir: str, warmup: int, iterations: int, threads: int) -> None:
         save_strategy="no",
         logging_steps=1,
         use_cpu=True,
-        bf16=False,  # PPOConfig defaults to bf16 and gradient checkpointing: both sides run fp32, no checkpointing
+        bf16=bf16,  # PPOConfig defaults to bf16 and gradient checkpointing: same precision both sides, no checkpointing
         fp16=False,
         gradient_checkpointing=False,
         seed=0,
@@ -243,6 +244,7 @@ def run_trl(workdir: str, warmup: int, iterations: int, threads: int) -> None:
 def run_side(python: str, side: str, args: argparse.Namespace, workdir: str) -> dict:
     command = [python, os.path.abspath(__file__), "--side", side, "--workdir", workdir, "--model", args.model]
     command += ["--warmup", str(args.warmup), "--iterations", str(args.iterations), "--threads", str(args.threads)]
+    command += ["--bf16"] if args.bf16 else []
     print(f"[{side}] {' '.join(command)}", flush=True)
     out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if side == "prepare":
@@ -264,6 +266,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="iterations timed but not counted")
     parser.add_argument("--iterations", type=int, default=2, help="iterations counted (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on each side (0: torch's default)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast on both sides (ours: autocast_dtype='bfloat16'; TRL: bf16=True)"
+    )
     parser.add_argument("--side", choices=["prepare", "ours", "trl"], default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--workdir", default=None, help="keep the dequantised model and prompt ids here, reused if there (default: a temp dir)"
@@ -272,9 +277,9 @@ def main() -> None:
     if args.side == "prepare":
         return prepare(args.workdir, args.model)
     if args.side == "ours":
-        return run_ours(args.workdir, args.model, args.warmup, args.iterations, args.threads)
+        return run_ours(args.workdir, args.model, args.warmup, args.iterations, args.threads, args.bf16)
     if args.side == "trl":
-        return run_trl(args.workdir, args.warmup, args.iterations, args.threads)
+        return run_trl(args.workdir, args.warmup, args.iterations, args.threads, args.bf16)
     if args.trl_python is None:
         parser.error("`--trl-python` is required: the python of a virtualenv with trl==1.12.0 (see the docstring).")
     if args.iterations < 1 or args.warmup < 0:
@@ -289,7 +294,9 @@ def main() -> None:
         }
     ours, theirs = results["ours"], results["trl"]
     speedup = theirs["seconds_per_iteration"] / ours["seconds_per_iteration"]
-    print(f"\nmodel={args.model} prompts={N_PROMPTS} max_new_tokens={MAX_NEW_TOKENS} epochs=1 minibatches=1 fp32 CPU")
+    precision = "bf16 autocast" if args.bf16 else "fp32"
+    print(f"\nmodel={args.model} prompts={N_PROMPTS} max_new_tokens={MAX_NEW_TOKENS} epochs=1 minibatches=1 {precision} CPU")
+
     threads = f"torch threads: ours {ours['threads']}, TRL {theirs['threads']}"
     print(f"median of {args.iterations} iterations after {args.warmup} warm-up; {threads}")
     print(f"versions (TRL side): {theirs['versions']}")

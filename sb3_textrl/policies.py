@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
+import warnings
 from typing import Any
 
 import torch as th
@@ -110,7 +112,10 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         batch, in rollouts, updates and reference passes (:mod:`sb3_textrl.prefix_sharing`); results are the same up
         to float rounding
     :param autocast_dtype: run the LM's trunk under ``torch.autocast`` in this dtype (``"bfloat16"`` or
-        ``"float16"``), e.g. on a GPU; the LM head, logits, log-probs and values stay float32. Default: off (float32)
+        ``"float16"``), e.g. on a GPU; the LM head, logits, log-probs and values stay float32. Default: off (float32).
+        On a CPU without native instructions for that dtype (e.g. AVX2 only: no AVX512-BF16 or AMX) the matrix products
+        are emulated: measured 6x slower forwards and 35x slower backwards than float32 on an AVX2 EPYC; a
+        ``UserWarning`` says so at the first autocast
     :param lora_config: a peft ``LoraConfig`` (or its dict): train low-rank adapters (and the value head) only; the
         reference log-probs then come from the same model with the adapters disabled (no second copy in memory), and
         the saved state holds only the trained tensors (the base weights are reloaded from ``model_name_or_path``)
@@ -244,6 +249,14 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
+        if self.device.type == "cpu" and _emulated_on_cpu(self.autocast_dtype):
+            warnings.warn(
+                f"`autocast_dtype={self.autocast_dtype!r}` on a CPU without native {self.autocast_dtype} matrix "
+                "instructions: the products are emulated, several times slower than float32 (measured 6x forward, "
+                "35x backward on an AVX2 CPU). Build the policy with `autocast_dtype=None` on this machine.",
+                UserWarning,
+                stacklevel=3,
+            )
         return th.autocast(device_type=self.device.type, dtype=getattr(th, self.autocast_dtype))
 
     def state_dict(self, *args, **kwargs):
@@ -413,6 +426,16 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             self.lm.save_pretrained(save_directory)
         self.tokenizer.save_pretrained(save_directory)
         th.save(self.value_head.state_dict(), os.path.join(save_directory, "value_head.pt"))
+
+
+@functools.cache
+def _emulated_on_cpu(dtype: str) -> bool:
+    """Whether this CPU lacks native matrix instructions for ``dtype`` (oneDNN's own check; False if unknown)."""
+    check = {"bfloat16": "_is_mkldnn_bf16_supported", "float16": "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return not getattr(th.ops.mkldnn, check)()
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def make_peft_model(lm: PreTrainedModel, lora_config: Any):

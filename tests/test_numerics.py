@@ -55,3 +55,21 @@ def test_bad_autocast_dtype(tiny_llama_path):
     env = _env(tiny_llama_path)
     with pytest.raises(ValueError, match="autocast_dtype"):
         LMPolicy(env.observation_space, env.action_space, lambda _: 1e-3, autocast_dtype="int8")
+
+
+@pytest.mark.parametrize("emulated", [True, False])
+def test_autocast_warns_where_the_cpu_emulates_the_dtype(tiny_llama_path, monkeypatch, emulated):
+    import warnings
+
+    from sb3_textrl import policies
+
+    monkeypatch.setattr(policies, "_emulated_on_cpu", lambda dtype: emulated)
+    env = _env(tiny_llama_path)
+    policy = LMPolicy(env.observation_space, env.action_space, lambda _: 1e-3, autocast_dtype="bfloat16")
+    obs, _ = policy.obs_to_tensor(env.reset(seed=0)[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy.evaluate_actions(obs, th.tensor([3]))
+    messages = [str(w.message) for w in caught if "emulated" in str(w.message)]
+    assert len(messages) == (1 if emulated else 0)
+    assert not emulated or "autocast_dtype=None" in messages[0]
