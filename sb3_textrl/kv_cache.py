@@ -171,8 +171,12 @@ class RolloutKVCache:
         :param attention_mask: ``(batch, max_length)`` int64
         :param prefix_sharing: new rows run only what follows the opening tokens all observations share
         :return: ``(batch, hidden_size)``
+        :raises ValueError: if a row attends to no token
         """
         batch, device = input_ids.shape[0], input_ids.device
+        if not bool(attention_mask.any(dim=1).all()):
+            empty = (~attention_mask.any(dim=1)).nonzero().flatten().tolist()
+            raise ValueError(f"Observation rows {empty} attend to no token (`attention_mask` all 0): nothing to condition on.")
         fingerprint = self._weights_fingerprint()
         if self.input_ids is None or self.input_ids.shape != input_ids.shape or fingerprint != self.fingerprint:
             self.reset()

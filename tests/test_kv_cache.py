@@ -41,3 +41,13 @@ def test_packed_sdpa_equals_transformers_sdpa(heads, kv_heads):
     out, weights = packed_sdpa_attention(_Attention(heads, kv_heads), query, key, value, mask, scaling=0.3)
     assert weights is None and out.shape == (1, 5, heads, 8)
     th.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_row_without_tokens_is_refused(tiny_llama_path):
+    from sb3_textrl.kv_cache import RolloutKVCache
+    from sb3_textrl.loading import load_causal_lm
+
+    cache = RolloutKVCache(load_causal_lm(tiny_llama_path))
+    ids = th.tensor([[0, 5, 6], [0, 0, 0]])
+    with pytest.raises(ValueError, match=r"rows \[1\] attend to no token"):
+        cache.last_hidden(ids, (ids != 0).long())
