@@ -16,13 +16,15 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sb3_textrl.prefix_sharing import cache_layers, make_cache, shared_prefix_length, split_prefix
+from sb3_textrl.prefix_sharing import cache_layers, make_cache, prefix_cache, shared_prefix_length, split_prefix
 from sb3_textrl.token_masks import last_token_index
 
 # new rows remembered per weights version (SmolLM2: ~45 KiB per token of a row's own keys and values)
 _MAX_ROWS_SEEN = 256
 # dead columns (of finished episodes) kept until they outnumber the live ones and this many
 _MIN_COLUMNS_DROPPED = 256
+# new rows with more tokens than this run as a padded batch (attention sum(L^2)), not packed ((sum L)^2)
+_MAX_PACKED_PREFILL = 256
 
 
 def right_align(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
@@ -206,25 +208,34 @@ class RolloutKVCache:
         if fresh.any():
             p = shared_prefix_length(input_ids, attention_mask) if prefix_sharing else 0
             rows = fresh.nonzero().flatten()
-            prefix_segment = -1
             if p:
                 prefix, ids, mask, _ = split_prefix(input_ids[rows], attention_mask[rows], p)
                 prefix_key = tuple(prefix.tolist())
-                prefix_segment = self._prefix_segment(prefix_key, prefix, groups)
             else:
-                prefix_key, (ids, mask) = (), right_align(input_ids[rows], attention_mask[rows])
+                prefix, prefix_key, (ids, mask) = None, (), right_align(input_ids[rows], attention_mask[rows])
             positions = p + (mask.cumsum(dim=1) - 1).clamp(min=0)
+            owns = mask.bool()
+            keys = [(prefix_key, tuple(ids[j, own].tolist())) for j, own in enumerate(owns)]
+            # many new tokens at once (all envs starting, predict() over prompts): a padded batch forward instead
+            padded = sum(len(key[1]) for key in keys if key not in self.rows_seen) > _MAX_PACKED_PREFILL
+            if p and padded and prefix_key not in self.prefix_layers:
+                self.prefix_layers = {prefix_key: [(k[0], v[0]) for k, v in prefix_cache(self.lm, prefix)]}
+            prefix_segment = self._prefix_segment(prefix_key, prefix, groups) if p else -1
+            pending = []  # new rows for the padded forward: (row, its tokens, positions, segment, key)
             for j, i in enumerate(rows.tolist()):
-                own = mask[j].bool()
-                key = (prefix_key, tuple(ids[j, own].tolist()))
+                own, key = owns[j], keys[j]
                 segment = self._new_segment()
                 self.row_segments[i] = th.tensor([segment, prefix_segment if p else segment], device=device)
                 if key in self.rows_seen:  # its keys and values are known: copy them in, no forward
                     hidden[i], layers = self.rows_seen[key]
                     self._append(layers, segment, positions[j, own])
+                elif padded:
+                    pending.append((i, ids[j, own], positions[j, own], segment, key))
                 else:
                     todo.append((i, key))
                     groups.append((i, ids[j, own], positions[j, own], self.row_segments[i]))
+            if pending:
+                self._prefill_padded(pending, prefix_key, hidden)
 
         if groups:
             self._forward(groups, hidden, todo)
@@ -244,6 +255,35 @@ class RolloutKVCache:
         else:  # first in the call's forward, so that the rows that follow it see it
             groups.insert(0, (None, prefix, positions, th.tensor([segment, segment], device=prefix.device)))
         return segment
+
+    def _prefill_padded(self, pending: list, prefix_key: tuple[int, ...], hidden: list) -> None:
+        """
+        New rows as one padded batch (right padding, after the shared prefix's cache when ``prefix_key``), then
+        copied into the packed cache: the attention of a packed forward over ``n`` new rows costs ``n`` times more.
+        """
+        n_rows, lengths = len(pending), [len(row[1]) for row in pending]
+        input_ids = th.nn.utils.rnn.pad_sequence([row[1] for row in pending], batch_first=True)
+        positions = th.nn.utils.rnn.pad_sequence([row[2] for row in pending], batch_first=True)
+        mask = (
+            th.arange(input_ids.shape[1], device=input_ids.device)[None] < th.tensor(lengths, device=input_ids.device)[:, None]
+        ).long()
+        past, p = None, len(prefix_key)
+        if p:
+            layers = self.prefix_layers[prefix_key]
+            past = make_cache([(k[None].expand(n_rows, -1, -1, -1), v[None].expand(n_rows, -1, -1, -1)) for k, v in layers])
+            mask = th.cat([mask.new_ones(n_rows, p), mask], dim=1)
+        out = self.lm.base_model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
+        )
+        layers = cache_layers(out.past_key_values)
+        if len(self.rows_seen) + n_rows > _MAX_ROWS_SEEN:  # bounded (predict() over many prompts)
+            self.rows_seen = {}
+        for b, (i, _, row_positions, segment, key) in enumerate(pending):
+            n = lengths[b]
+            hidden[i] = out[0][b, n - 1].clone()
+            row_layers = [(k[b, :, p : p + n].clone(), v[b, :, p : p + n].clone()) for k, v in layers]
+            self.rows_seen[key] = (hidden[i], row_layers)
+            self._append(row_layers, segment, row_positions)
 
     def _append(self, layers: list[tuple[th.Tensor, th.Tensor]], segment: int, positions: th.Tensor) -> None:
         """Copy known keys and values (per layer ``(kv_heads, n, head_dim)``) into the cache as a segment."""

@@ -332,10 +332,16 @@ def fresh_distribution(policy, obs):
     return distribution.distribution.logits.detach(), values.detach()
 
 
-@pytest.mark.parametrize("n_envs, attn_implementation", [(1, "sdpa"), (3, "sdpa"), (3, "eager")])
-def test_kv_cache_matches_full_forward(tiny_lm_path, n_envs, attn_implementation):
+@pytest.mark.parametrize(
+    "n_envs, attn_implementation, max_packed_prefill",
+    [(1, "sdpa", 256), (3, "sdpa", 256), (3, "eager", 256), (3, "sdpa", 0)],  # 0: new rows run as a padded batch
+)
+def test_kv_cache_matches_full_forward(tiny_lm_path, n_envs, attn_implementation, max_packed_prefill, monkeypatch):
     from stable_baselines3.common.env_util import make_vec_env
 
+    from sb3_textrl import kv_cache
+
+    monkeypatch.setattr(kv_cache, "_MAX_PACKED_PREFILL", max_packed_prefill)
     env = make_vec_env(lambda: make_env(tiny_lm_path, max_new_tokens=4), n_envs=n_envs, seed=0)
     policy = make_policy(env, model_kwargs=dict(attn_implementation=attn_implementation))
     assert policy.lm.config._attn_implementation == attn_implementation

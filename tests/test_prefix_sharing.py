@@ -99,8 +99,12 @@ def test_training_path_equals_full_forwards(tiny_lm_path, system_prompt):
         th.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_rollout_path_equals_full_forwards(tiny_lm_path):
+@pytest.mark.parametrize("max_packed_prefill", [256, 0])  # 0: new rows run as a padded batch after the prefix
+def test_rollout_path_equals_full_forwards(tiny_lm_path, max_packed_prefill, monkeypatch):
     """Rows that reset mid-rollout run only what follows the shared prefix; results equal full forwards."""
+    from sb3_textrl import kv_cache
+
+    monkeypatch.setattr(kv_cache, "_MAX_PACKED_PREFILL", max_packed_prefill)
     env = make_vec_env(lambda: _env(tiny_lm_path, SYSTEM_PROMPT), n_envs=3, seed=0)
     shared, plain = _policies(env)
     shared.set_training_mode(False)
