@@ -38,16 +38,6 @@ import torch as th
 import torch.distributed as dist
 from torch import nn
 
-#: keyword arguments of the policy that FSDP mode refuses, with the reason and the fix
-_REFUSED = {
-    "prefix_sharing": (
-        True,
-        "runs one or two forwards of the LM per minibatch depending on each rank's data, so the ranks' reduce-scatters "
-        "would not line up",
-        "policy_kwargs=dict(prefix_sharing=False)",
-    ),
-}
-
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     """
@@ -70,15 +60,20 @@ def check_fsdp_policy(policy: nn.Module) -> None:
     """
     Refuse the policies FSDP mode cannot train correctly.
 
-    :raises ValueError: for a policy without an ``lm``, with ``prefix_sharing=True`` (see the module docstring), with
+    :raises ValueError: for a policy that is not an ``LMPolicy``, with ``prefix_sharing=True`` (see the module docstring), with
         ``lora_config`` (its trainable state is small: average its gradients with ``fsdp=False``), or with an
         optimizer that holds state (a resumed run: FSDP mode starts with a fresh optimizer)
     """
-    if not isinstance(getattr(policy, "lm", None), nn.Module):
-        raise ValueError(f"FSDP mode needs an LMPolicy (a policy with an `lm`), got {type(policy).__name__}.")
-    for name, (refused, reason, fix) in _REFUSED.items():
-        if getattr(policy, name, None) == refused:
-            raise ValueError(f"FSDP mode: `{name}={refused}` {reason}: build the policy with {fix}.")
+    from sb3_textrl.policies import CausalLMActorCriticPolicy
+
+    if not isinstance(policy, CausalLMActorCriticPolicy):
+        raise ValueError(f"FSDP mode needs an LMPolicy, got {type(policy).__name__}.")
+    if policy.prefix_sharing:
+        raise ValueError(
+            "FSDP mode: `prefix_sharing=True` runs one or two forwards of the LM per minibatch depending on each rank's "
+            "data, so the ranks' reduce-scatters would not line up: build the policy with "
+            "policy_kwargs=dict(prefix_sharing=False)."
+        )
     if getattr(policy, "lora_config", None) is not None:
         raise ValueError(
             "FSDP mode does not shard LoRA adapters (their gradients and Adam state are small): train with "
@@ -145,10 +140,8 @@ class ShardedPolicy:
             policy._kv_cache.reset()  # the LM's parameters are new tensors
 
     def _after_step(self, optimizer: th.optim.Optimizer, args, kwargs) -> None:
-        optimizer.zero_grad(set_to_none=True)  # as LMPolicy's own optimizer does: the gradients are spent
-        self.unshard()
-        if hasattr(self.policy, "_kv_cache"):
-            self.policy._kv_cache.reset()  # the weights changed
+        self.unshard()  # first: the KV cache's reset below collects the LM's (now full) parameters
+        self.policy._after_optimizer_step(optimizer, args, kwargs)  # LMPolicy's own hook: free gradients, drop the cache
 
     def unshard(self) -> None:
         """All-gather the full parameters of every group that holds only its shard (a collective: all ranks call it)."""

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sb3_textrl.prefix_sharing import cache_layers, make_cache, prefix_cache, shared_prefix_length, split_prefix
+from sb3_textrl.prefix_sharing import (
+    cache_layers,
+    forward_suffixes,
+    make_cache,
+    prefix_cache,
+    shared_prefix_length,
+    split_prefix,
+)
 from sb3_textrl.token_masks import last_token_index
 
 # new rows remembered per weights version (SmolLM2: ~45 KiB per token of a row's own keys and values)
@@ -107,6 +114,12 @@ def packed_attention_mask(
     return allowed[None, None]
 
 
+def _copy_columns(layers: list[tuple[th.Tensor, th.Tensor]], row: int, columns: slice) -> list[tuple[th.Tensor, th.Tensor]]:
+    """Per layer, a copy of one row's keys and values over ``columns``: ``(kv_heads, n, head_dim)`` (a view would keep
+    the whole cache alive)."""
+    return [(k[row, :, columns].clone(), v[row, :, columns].clone()) for k, v in layers]
+
+
 class RolloutKVCache:
     """
     The key/value cache of the observations a policy saw at its previous call, one segment per environment.
@@ -180,6 +193,7 @@ class RolloutKVCache:
             empty = (~attention_mask.any(dim=1)).nonzero().flatten().tolist()
             raise ValueError(f"Observation rows {empty} attend to no token (`attention_mask` all 0): nothing to condition on.")
         fingerprint = self._weights_fingerprint()
+        new_last = last_token_index(attention_mask)
         if self.input_ids is None or self.input_ids.shape != input_ids.shape or fingerprint != self.fingerprint:
             self.reset()
             self.fingerprint = fingerprint
@@ -188,7 +202,7 @@ class RolloutKVCache:
             same = extended = th.zeros(batch, dtype=th.bool, device=device)
         else:
             old_ids, old_mask = self.input_ids, self.obs_mask
-            new_last, old_last = last_token_index(attention_mask), last_token_index(old_mask)
+            old_last = last_token_index(old_mask)
             tokens_kept = ((input_ids == old_ids) | ~old_mask.bool()).all(dim=1)
             same = tokens_kept & (attention_mask == old_mask).all(dim=1)
             grown = old_mask.clone()
@@ -203,8 +217,11 @@ class RolloutKVCache:
         hidden: list[th.Tensor | None] = [self.hidden[i] if bool(same[i]) else None for i in range(batch)]
         for i in extended.nonzero().flatten().tolist():
             position = attention_mask[i].sum(dim=0, keepdim=True) - 1
-            groups.append((i, input_ids[i, last_token_index(attention_mask[i : i + 1])], position, self.row_segments[i]))
+            groups.append((i, input_ids[i, new_last[i : i + 1]], position, self.row_segments[i]))
         todo: list[tuple[int, tuple]] = []  # fresh rows computed in this call, to remember
+        copies: list[
+            tuple[list, int, th.Tensor]
+        ] = []  # known keys/values to copy into the cache: (layers, segment, positions)
         if fresh.any():
             p = shared_prefix_length(input_ids, attention_mask) if prefix_sharing else 0
             rows = fresh.nonzero().flatten()
@@ -220,7 +237,7 @@ class RolloutKVCache:
             padded = sum(len(key[1]) for key in keys if key not in self.rows_seen) > _MAX_PACKED_PREFILL
             if p and padded and prefix_key not in self.prefix_layers:
                 self.prefix_layers = {prefix_key: [(k[0], v[0]) for k, v in prefix_cache(self.lm, prefix)]}
-            prefix_segment = self._prefix_segment(prefix_key, prefix, groups) if p else -1
+            prefix_segment = self._prefix_segment(prefix_key, prefix, groups, copies) if p else -1
             pending = []  # new rows for the padded forward: (row, its tokens, positions, segment, key)
             for j, i in enumerate(rows.tolist()):
                 own, key = owns[j], keys[j]
@@ -228,22 +245,24 @@ class RolloutKVCache:
                 self.row_segments[i] = th.tensor([segment, prefix_segment if p else segment], device=device)
                 if key in self.rows_seen:  # its keys and values are known: copy them in, no forward
                     hidden[i], layers = self.rows_seen[key]
-                    self._append(layers, segment, positions[j, own])
+                    copies.append((layers, segment, positions[j, own]))
                 elif padded:
                     pending.append((i, ids[j, own], positions[j, own], segment, key))
                 else:
                     todo.append((i, key))
                     groups.append((i, ids[j, own], positions[j, own], self.row_segments[i]))
             if pending:
-                self._prefill_padded(pending, prefix_key, hidden)
+                copies += self._prefill_padded(pending, prefix_key, hidden)
 
+        if copies:
+            self._append(copies)
         if groups:
             self._forward(groups, hidden, todo)
         self.input_ids, self.obs_mask, self.hidden = input_ids.clone(), attention_mask.clone(), th.stack(hidden)
         self._drop_dead_columns()
         return self.hidden
 
-    def _prefix_segment(self, prefix_key: tuple[int, ...], prefix: th.Tensor, groups: list) -> int:
+    def _prefix_segment(self, prefix_key: tuple[int, ...], prefix: th.Tensor, groups: list, copies: list) -> int:
         """The prefix's segment in the cache: kept, copied in from memory, or queued to run in this call's forward."""
         if prefix_key in self.prefix_segments:
             return self.prefix_segments[prefix_key]
@@ -251,51 +270,57 @@ class RolloutKVCache:
         self.prefix_segments[prefix_key] = segment
         positions = th.arange(len(prefix_key), device=prefix.device)
         if prefix_key in self.prefix_layers:
-            self._append(self.prefix_layers[prefix_key], segment, positions)
+            copies.append((self.prefix_layers[prefix_key], segment, positions))
         else:  # first in the call's forward, so that the rows that follow it see it
             groups.insert(0, (None, prefix, positions, th.tensor([segment, segment], device=prefix.device)))
         return segment
 
-    def _prefill_padded(self, pending: list, prefix_key: tuple[int, ...], hidden: list) -> None:
+    def _prefill_padded(self, pending: list, prefix_key: tuple[int, ...], hidden: list) -> list:
         """
-        New rows as one padded batch (right padding, after the shared prefix's cache when ``prefix_key``), then
-        copied into the packed cache: the attention of a packed forward over ``n`` new rows costs ``n`` times more.
+        New rows as one padded batch after the shared prefix's cache (:func:`forward_suffixes`), to be copied into the
+        packed cache: the attention of a packed forward over ``n`` new rows costs ``n`` times more.
+
+        :return: the rows' keys and values, as :meth:`_append` takes them
         """
-        n_rows, lengths = len(pending), [len(row[1]) for row in pending]
-        input_ids = th.nn.utils.rnn.pad_sequence([row[1] for row in pending], batch_first=True)
-        positions = th.nn.utils.rnn.pad_sequence([row[2] for row in pending], batch_first=True)
-        mask = (
-            th.arange(input_ids.shape[1], device=input_ids.device)[None] < th.tensor(lengths, device=input_ids.device)[:, None]
-        ).long()
-        past, p = None, len(prefix_key)
-        if p:
-            layers = self.prefix_layers[prefix_key]
-            past = make_cache([(k[None].expand(n_rows, -1, -1, -1), v[None].expand(n_rows, -1, -1, -1)) for k, v in layers])
-            mask = th.cat([mask.new_ones(n_rows, p), mask], dim=1)
-        out = self.lm.base_model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
-        )
-        layers = cache_layers(out.past_key_values)
+        lengths = [len(row[1]) for row in pending]
+        suffix_ids = th.nn.utils.rnn.pad_sequence([row[1] for row in pending], batch_first=True)
+        lengths_t = th.tensor(lengths, device=suffix_ids.device)
+        suffix_mask = (th.arange(suffix_ids.shape[1], device=suffix_ids.device)[None] < lengths_t[:, None]).long()
+        prefix_layers = [(k[None], v[None]) for k, v in self.prefix_layers[prefix_key]] if prefix_key else []
+        out, _, cache = forward_suffixes(self.lm, prefix_layers, suffix_ids, suffix_mask, use_cache=True)
+        layers, p = cache_layers(cache), len(prefix_key)
+        self._make_room(len(pending))
+        copies = []
+        for b, (i, _, positions, segment, key) in enumerate(pending):
+            hidden[i] = out[b, lengths[b] - 1].clone()
+            row_layers = _copy_columns(layers, b, slice(p, p + lengths[b]))
+            self.rows_seen[key] = (hidden[i], row_layers)
+            copies.append((row_layers, segment, positions))
+        return copies
+
+    def _make_room(self, n_rows: int) -> None:
         if len(self.rows_seen) + n_rows > _MAX_ROWS_SEEN:  # bounded (predict() over many prompts)
             self.rows_seen = {}
-        for b, (i, _, row_positions, segment, key) in enumerate(pending):
-            n = lengths[b]
-            hidden[i] = out[0][b, n - 1].clone()
-            row_layers = [(k[b, :, p : p + n].clone(), v[b, :, p : p + n].clone()) for k, v in layers]
-            self.rows_seen[key] = (hidden[i], row_layers)
-            self._append(row_layers, segment, row_positions)
 
-    def _append(self, layers: list[tuple[th.Tensor, th.Tensor]], segment: int, positions: th.Tensor) -> None:
-        """Copy known keys and values (per layer ``(kv_heads, n, head_dim)``) into the cache as a segment."""
-        if self.layers:
-            self.layers = [
-                (th.cat([k, nk[None]], dim=2), th.cat([v, nv[None]], dim=2)) for (k, v), (nk, nv) in zip(self.layers, layers)
-            ]
-        else:
-            self.layers = [(nk[None], nv[None]) for nk, nv in layers]
+    def _append(self, copies: list[tuple[list[tuple[th.Tensor, th.Tensor]], int, th.Tensor]]) -> None:
+        """
+        Copy known keys and values into the cache, one segment each, in one concatenation per layer.
+
+        :param copies: ``(layers, segment, positions)``: per layer ``(kv_heads, n, head_dim)`` keys and values, the
+            segment id, ``(n,)`` position ids
+        """
+        merged = []
+        for index in range(len(copies[0][0])):
+            keys = [layers[index][0][None] for layers, _, _ in copies]
+            values = [layers[index][1][None] for layers, _, _ in copies]
+            if self.layers:
+                keys.insert(0, self.layers[index][0])
+                values.insert(0, self.layers[index][1])
+            merged.append((th.cat(keys, dim=2), th.cat(values, dim=2)))
+        self.layers = merged
         self.cache = None
-        self.segment = th.cat([self.segment, th.full_like(positions, segment)])
-        self.position = th.cat([self.position, positions])
+        self.segment = th.cat([self.segment, *(th.full_like(positions, segment) for _, segment, positions in copies)])
+        self.position = th.cat([self.position, *(positions for _, _, positions in copies)])
 
     def _forward(self, groups: list, hidden: list, todo: list) -> None:
         """One forward over all groups' tokens, packed; fills ``hidden`` and remembers new rows and prefixes."""
@@ -321,8 +346,7 @@ class RolloutKVCache:
         self.layers = cache_layers(self.cache)
         self.segment, self.position = th.cat([self.segment, segments]), th.cat([self.position, positions])
         remember = dict(todo)
-        if len(self.rows_seen) + len(remember) > _MAX_ROWS_SEEN:  # bounded (predict() over many prompts)
-            self.rows_seen = {}
+        self._make_room(len(remember))
         offset = 0
         for row, group_ids, _, _ in groups:
             n = len(group_ids)
@@ -330,14 +354,11 @@ class RolloutKVCache:
             offset += n
             if row is None:  # a prefix: remember its keys and values
                 prefix_key = tuple(group_ids.tolist())
-                self.prefix_layers = {
-                    prefix_key: [(k[0, :, columns].clone(), v[0, :, columns].clone()) for k, v in self.layers]
-                }
+                self.prefix_layers = {prefix_key: _copy_columns(self.layers, 0, columns)}
                 continue
             hidden[row] = out[0][0, offset - 1]
-            if row in remember:  # copies: a view would keep the whole cache alive
-                layers = [(k[0, :, columns].clone(), v[0, :, columns].clone()) for k, v in self.layers]
-                self.rows_seen[remember[row]] = (hidden[row].clone(), layers)
+            if row in remember:
+                self.rows_seen[remember[row]] = (hidden[row].clone(), _copy_columns(self.layers, 0, columns))
 
     def _drop_dead_columns(self) -> None:
         """Drop the columns of finished episodes (and unused prefixes) once they outnumber the live ones."""

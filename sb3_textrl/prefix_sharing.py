@@ -102,15 +102,15 @@ def forward_suffixes(
     """
     Run the suffixes of rows that all open with the prefix whose cache is ``prefix_layers``.
 
-    :param prefix_layers: from :func:`prefix_cache` (one row; expanded to the batch, not copied)
+    :param prefix_layers: from :func:`prefix_cache` (one row; expanded to the batch, not copied); empty: no prefix
     :param suffix_ids: ``(batch, width)`` int64, left-aligned
     :param suffix_mask: ``(batch, width)`` int64, right padding
     :return: last hidden states ``(batch, width, hidden_size)`` over the suffix columns, the attention mask over
         prefix + suffix ``(batch, p + width)``, and (``use_cache``) the cache of prefix + suffix
     """
     batch, width = suffix_ids.shape
-    p = prefix_layers[0][0].shape[2]
-    past = make_cache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix_layers])
+    p = prefix_layers[0][0].shape[2] if prefix_layers else 0
+    past = make_cache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix_layers]) if p else None
     mask = th.cat([suffix_mask.new_ones(batch, p), suffix_mask], dim=1)
     positions = (p + th.arange(width, device=suffix_ids.device))[None].expand(batch, -1)
     out = lm.base_model(
