@@ -8,12 +8,18 @@ over the same episodes (the floor any implementation pays), measured in one run 
 Memory: the process's peak RSS above its RSS before the LM is loaded, divided by the training state any PPO
 implementation holds: the policy's weights, their gradients and Adam's two moments, and the frozen reference model.
 RSS is a process-wide high-water mark, so the two settings of `--no-prefix-sharing` run in separate processes.
+Also printed (glibc only): the peak of the bytes malloc has handed out and not taken back (``mallinfo2``, sampled
+every 10 ms), the CPU's analogue of ``torch.cuda.max_memory_allocated``. The gap between the two is memory glibc's
+allocator keeps after ``free`` (chunks it cannot reuse or give back); another allocator changes it, e.g.
+``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/update.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import resource
+import threading
 import time
 
 import torch as th
@@ -27,6 +33,44 @@ from sb3_textrl.token_masks import last_token_index, position_ids
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    ]
+
+
+class AllocatedPeak:
+    """Samples, from a thread, the bytes glibc's malloc has handed out (heap chunks in use + mmapped chunks)."""
+
+    def __init__(self, interval: float = 0.01):
+        try:
+            self._mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+            self._mallinfo2 = None
+            return
+        self._mallinfo2.restype = _MallInfo2
+        self.start = self.now()
+        if self.start == 0:  # another allocator (LD_PRELOAD) serves malloc: glibc's counters stay at zero
+            self._mallinfo2 = None
+            return
+        self.peak = self.start
+        threading.Thread(target=self._sample, args=(interval,), daemon=True).start()
+
+    @property
+    def available(self) -> bool:
+        return self._mallinfo2 is not None
+
+    def now(self) -> float:
+        info = self._mallinfo2()
+        return (info.uordblks + info.hblkhd) / 2**30
+
+    def _sample(self, interval: float) -> None:
+        while True:
+            self.peak = max(self.peak, self.now())
+            time.sleep(interval)
 
 
 def whole_sequence_pass(model: PPO) -> float:
@@ -70,6 +114,7 @@ def main() -> None:
     parser.add_argument("--no-prefix-sharing", action="store_true")
     args = parser.parse_args()
     rss_start = peak_rss_gib()
+    allocated = AllocatedPeak()
     env = make_env(args.model, args.n_envs, args.max_new_tokens)
     model = PPO(
         "LMPolicy",
@@ -97,6 +142,7 @@ def main() -> None:
             ppo_seconds += time.perf_counter() - start
             tokens += model.n_steps * model.n_envs
     ppo_peak = peak_rss_gib()
+    allocated_peak = allocated.peak if allocated.available else float("nan")
     for repeat in range(args.repeats + 1):
         model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
         model.rollout_buffer.get(1).__next__()  # flatten the buffer (PPO does it on its first get)
@@ -119,6 +165,10 @@ def main() -> None:
     print(f"training state (weights + gradients + Adam moments + reference): {state:.2f} GiB")
     print(f"peak RSS during PPO {peak:.2f} GiB, {rss_start:.2f} GiB before loading, {rss_after_build:.2f} GiB after building")
     print(f"memory ratio (peak RSS - RSS before loading) / training state: {(peak - rss_start) / state:.2f}")
+    if allocated.available:
+        ratio = (allocated_peak - allocated.start) / state
+        print(f"peak allocated by malloc during PPO {allocated_peak:.2f} GiB, {allocated.start:.2f} GiB before loading")
+        print(f"allocated ratio (peak allocated - allocated before loading) / training state: {ratio:.2f}")
 
 
 if __name__ == "__main__":

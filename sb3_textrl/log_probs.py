@@ -1,8 +1,29 @@
-"""Categorical maths over full-vocabulary logits: log-probs and entropies with a lean backward, and fast sampling."""
+"""Categorical maths over full-vocabulary logits: the LM head's product, log-probs and entropies with a lean backward,
+and fast sampling."""
 
 from __future__ import annotations
 
 import torch as th
+
+
+def lm_head_logits(hidden: th.Tensor, weight: th.Tensor, bias: th.Tensor | None = None) -> th.Tensor:
+    """
+    ``hidden @ weight.T + bias``, as ``nn.functional.linear``, computed as ``(weight @ hidden.T).T`` on a CPU.
+
+    The LM head's weight (``(vocab_size, hidden_size)``, 113 MB for SmolLM2) does not fit in any cache, so its product
+    is bound by how fast the matrix library streams it: on a CPU, MKL's kernel for ``weight @ hidden.T`` reads it
+    1.2-1.7x faster than the one ``linear`` picks (``hidden @ weight.T``), from 8 rows (a rollout step: 31 -> 18 ms
+    for SmolLM2 here) to 256 (a training minibatch: 177 -> 150 ms). On other devices this is ``linear``.
+
+    :param hidden: ``(batch, hidden_size)`` float
+    :param weight: ``(vocab_size, hidden_size)``, same dtype
+    :param bias: ``(vocab_size,)`` or ``None``
+    :return: logits ``(batch, vocab_size)``, contiguous
+    """
+    if hidden.device.type != "cpu" or hidden.dim() != 2:
+        return th.nn.functional.linear(hidden, weight, bias)
+    logits = th.mm(weight, hidden.t()).t().contiguous()
+    return logits if bias is None else logits + bias
 
 
 class _LogProbEntropy(th.autograd.Function):

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from sb3_textrl.kv_cache import RolloutKVCache
 from sb3_textrl.loading import load_causal_lm, load_tokenizer
-from sb3_textrl.log_probs import log_prob_and_entropy, sample_categorical
+from sb3_textrl.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
 from sb3_textrl.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
 from sb3_textrl.token_masks import last_token_index, position_ids
 from sb3_textrl.validation import check_same_lm
@@ -336,7 +336,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         :raises FloatingPointError: if any logit is NaN or infinite
         """
         head = lm.get_output_embeddings()
-        logits = nn.functional.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+        logits = lm_head_logits(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
         softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
         if softcap:
             logits = th.tanh(logits / softcap) * softcap

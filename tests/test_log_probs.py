@@ -1,7 +1,9 @@
 import torch as th
 from torch.distributions import Categorical
 
-from sb3_textrl.log_probs import log_prob_and_entropy, sample_categorical
+import pytest
+
+from sb3_textrl.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
 
 
 def test_equals_categorical_with_gradients():
@@ -36,3 +38,20 @@ def test_sample_categorical_follows_the_probabilities():
     th.testing.assert_close(frequencies, probs[0].double(), atol=0.015, rtol=0)
     assert (draws[:, 1] == 0).all()
     assert draws.dtype == th.int64
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_lm_head_logits_equal_linear_with_gradients(with_bias):
+    generator = th.Generator().manual_seed(0)
+    hidden = th.randn(5, 12, generator=generator, dtype=th.float64, requires_grad=True)
+    weight = th.randn(40, 12, generator=generator, dtype=th.float64, requires_grad=True)
+    bias = th.randn(40, generator=generator, dtype=th.float64, requires_grad=True) if with_bias else None
+    upstream = th.randn(5, 40, generator=generator, dtype=th.float64)
+    logits = lm_head_logits(hidden, weight, bias)
+    assert logits.shape == (5, 40) and logits.is_contiguous()
+    grads = th.autograd.grad((logits * upstream).sum(), [t for t in (hidden, weight, bias) if t is not None])
+    expected = th.nn.functional.linear(hidden, weight, bias)
+    expected_grads = th.autograd.grad((expected * upstream).sum(), [t for t in (hidden, weight, bias) if t is not None])
+    th.testing.assert_close(logits, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        th.testing.assert_close(grad, expected_grad)
