@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from sb3_textrl.kv_cache import RolloutKVCache
 from sb3_textrl.loading import load_causal_lm, load_tokenizer
 from sb3_textrl.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
+from sb3_textrl.packing import forward_packed, packable
 from sb3_textrl.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
 from sb3_textrl.token_masks import last_token_index, position_ids
 from sb3_textrl.validation import check_same_lm
@@ -111,6 +112,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
     :param prefix_sharing: run the opening tokens that observations share (a chat template's system prompt) once per
         batch, in rollouts, updates and reference passes (:mod:`sb3_textrl.prefix_sharing`); results are the same up
         to float rounding
+    :param packing: run the rows of a training or reference pass packed side by side in a few rows of ~256 tokens,
+        without padding (:mod:`sb3_textrl.packing`); results are the same up to float rounding
     :param autocast_dtype: run the LM's trunk under ``torch.autocast`` in this dtype (``"bfloat16"`` or
         ``"float16"``), e.g. on a GPU; the LM head, logits, log-probs and values stay float32. Default: off (float32).
         On a CPU without native instructions for that dtype (e.g. AVX2 only: no AVX512-BF16 or AMX) the matrix products
@@ -137,6 +140,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         use_reference_model: bool = True,
         use_kv_cache: bool = True,
         prefix_sharing: bool = True,
+        packing: bool = True,
         autocast_dtype: str | None = None,
         lora_config: Any = None,
         **kwargs,
@@ -165,6 +169,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         self.use_reference_model = use_reference_model
         self.use_kv_cache = use_kv_cache
         self.prefix_sharing = prefix_sharing
+        self.packing = packing
         if autocast_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"`autocast_dtype` must be None, 'bfloat16' or 'float16', got {autocast_dtype!r}.")
         self.autocast_dtype = autocast_dtype
@@ -227,6 +232,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             use_reference_model=self.use_reference_model,
             use_kv_cache=self.use_kv_cache,
             prefix_sharing=self.prefix_sharing,
+            packing=self.packing,
             autocast_dtype=self.autocast_dtype,
             lora_config=self.lora_config,
         )
@@ -316,6 +322,9 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         rows, cover = covering_rows(input_ids, attention_mask)
         ids, mask = input_ids[rows], attention_mask[rows]
         p = shared_prefix_length(ids, mask) if self.prefix_sharing else 0
+        if self.packing and len(rows) > 1 and packable(lm, mask):  # no padding; the shared opening runs once
+            with self._autocast():
+                return forward_packed(lm, ids, mask, cover, last_token_index(attention_mask), p)
         if p:  # the rows' common opening (a chat template's system prompt) runs once
             prefix, suffix_ids, suffix_mask, offset = split_prefix(ids, mask, p)
             with self._autocast():

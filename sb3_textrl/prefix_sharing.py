@@ -84,11 +84,18 @@ def split_prefix(input_ids: th.Tensor, attention_mask: th.Tensor, p: int) -> tup
     return aligned[0, :p], suffix_ids, suffix_mask, start + p
 
 
-def prefix_cache(lm: PreTrainedModel, prefix: th.Tensor) -> list[tuple[th.Tensor, th.Tensor]]:
-    """Per-layer keys and values of ``prefix`` (``(p,)`` token ids), one row, positions ``0..p-1``."""
+def prefix_cache(
+    lm: PreTrainedModel, prefix: th.Tensor, inputs_embeds: th.Tensor | None = None
+) -> list[tuple[th.Tensor, th.Tensor]]:
+    """
+    Per-layer keys and values of ``prefix`` (``(p,)`` token ids), one row, positions ``0..p-1``.
+
+    :param inputs_embeds: ``(p, hidden_size)``, the prefix's input embeddings if already looked up
+    """
     p = prefix.shape[0]
     positions = th.arange(p, device=prefix.device)[None]
-    out = lm.base_model(input_ids=prefix[None], attention_mask=th.ones_like(positions), position_ids=positions, use_cache=True)
+    tokens = dict(input_ids=prefix[None]) if inputs_embeds is None else dict(inputs_embeds=inputs_embeds[None])
+    out = lm.base_model(**tokens, attention_mask=th.ones_like(positions), position_ids=positions, use_cache=True)
     return cache_layers(out.past_key_values)
 
 

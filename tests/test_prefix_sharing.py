@@ -6,6 +6,7 @@ import pytest
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 
+from sb3_textrl import packing
 from sb3_textrl.policies import LMPolicy
 from sb3_textrl.prefix_sharing import shared_prefix_length, split_prefix
 
@@ -127,3 +128,51 @@ def test_rollout_path_equals_full_forwards(tiny_lm_path, max_packed_prefill, mon
     assert [len(prefix) >= 8 for prefix in shared._kv_cache.prefix_layers] == [True]  # the path under test was taken
     # restarts on a prompt already seen reuse its keys and values: at most one entry per prompt and first observation
     assert n_resets + 3 > len(shared._kv_cache.rows_seen)
+
+
+def test_pack_by_hand():
+    # first fit by decreasing length into bins of 6 tokens: 5 | 4 + 2 | 3
+    assert packing.pack([5, 3, 4, 2], max_tokens=6) == [[0], [2, 3], [1]]
+    assert packing.pack([9, 2, 5], max_tokens=6) == [[0], [2, 1]]  # a longer row widens every bin: 5 + 2 fit in 9
+    assert packing.pack([1, 1, 1], max_tokens=2) == [[0, 1], [2]]
+
+
+@pytest.mark.parametrize("max_tokens", [256, 8], ids=["one_packed_row", "many_packed_rows"])
+@pytest.mark.parametrize("system_prompt", [SYSTEM_PROMPT, None], ids=["system_prompt", "plain"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_passes_equal_padded_ones(tiny_lm_path, system_prompt, max_tokens, attention, monkeypatch):
+    """evaluate_actions, reference log-probs and the gradients are the same packed as padded."""
+    import sb3_textrl.policies
+
+    monkeypatch.setattr(packing, "MAX_PACKED_TOKENS", max_tokens)
+    calls = []
+    monkeypatch.setattr(sb3_textrl.policies, "forward_packed", lambda *a: calls.append(a) or packing.forward_packed(*a))
+    env = _env(tiny_lm_path, system_prompt)
+    results = []
+    for packed in (True, False):
+        policy = LMPolicy(
+            env.observation_space,
+            env.action_space,
+            lambda _: 1e-3,
+            packing=packed,
+            model_kwargs=dict(attn_implementation=attention),
+        )
+        with th.no_grad():
+            th.nn.init.normal_(policy.value_head.weight, std=1.0, generator=th.Generator().manual_seed(0))
+        obs, actions = _steps(env, 6)
+        values, log_prob, entropy = policy.evaluate_actions(obs, actions)
+        (log_prob.sum() + values.sum() + entropy.sum()).backward()
+        grads = [p.grad.clone() for p in policy.lm.parameters() if p.grad is not None]
+        results.append((values.detach(), log_prob.detach(), entropy.detach(), grads, policy.reference_log_prob(obs, actions)))
+    assert len(calls) == 2  # the training pass and the reference pass ran packed
+    _, ids, mask, _, _, p = calls[0]
+    lengths = (mask.sum(dim=1) - p).tolist()
+    assert (len(packing.pack(lengths, max_tokens)) > 1) == (max_tokens == 8)
+    (v1, lp1, e1, g1, r1), (v2, lp2, e2, g2, r2) = results
+    th.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
+    th.testing.assert_close(lp1, lp2, atol=1e-5, rtol=1e-5)
+    th.testing.assert_close(e1, e2, atol=1e-5, rtol=1e-5)
+    th.testing.assert_close(r1, r2, atol=1e-5, rtol=1e-5)
+    assert len(g1) == len(g2) > 0
+    for a, b in zip(g1, g2):
+        th.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
