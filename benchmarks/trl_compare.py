@@ -14,9 +14,12 @@ metrics, its ``gc.collect``).
 
     python benchmarks/trl_compare.py --trl-python /tmp/trl-venv/bin/python
     python benchmarks/trl_compare.py --trl-python /tmp/trl-venv/bin/python --workdir /tmp/tc --threads 1
+    python benchmarks/trl_compare.py --trl-python /tmp/trl-venv/bin/python --workdir /tmp/tc --rounds 3
 
-``--workdir`` keeps the ``save_pretrained`` copy of the model between runs; ``--threads`` pins torch's thread count on
-both sides (on a loaded machine, 1 thread suffers less from oversubscription than 2).
+``--workdir`` keeps the ``save_pretrained`` copy of the model between runs; ``--rounds`` alternates the sides (ours,
+TRL, ours, TRL, ...) and reports the median round (the lower middle one for an even number), since this machine's
+speed drifts by 20 % and more over minutes; ``--threads`` pins torch's thread count on both sides (on a loaded
+machine, 1 thread suffers less from oversubscription than 2).
 
 TRL lives in its own virtualenv (the project's has no trl)::
 
@@ -265,6 +268,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--warmup", type=int, default=1, help="iterations timed but not counted")
     parser.add_argument("--iterations", type=int, default=2, help="iterations counted (median)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of ours-then-TRL (median speed-up reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on each side (0: torch's default)")
     parser.add_argument(
         "--bf16", action="store_true", help="bf16 autocast on both sides (ours: autocast_dtype='bfloat16'; TRL: bf16=True)"
@@ -282,33 +286,42 @@ def main() -> None:
         return run_trl(args.workdir, args.warmup, args.iterations, args.threads, args.bf16)
     if args.trl_python is None:
         parser.error("`--trl-python` is required: the python of a virtualenv with trl==1.12.0 (see the docstring).")
-    if args.iterations < 1 or args.warmup < 0:
-        parser.error(f"`--iterations` must be >= 1 and `--warmup` >= 0, got {args.iterations} and {args.warmup}.")
+    if args.iterations < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error(
+            f"`--iterations` and `--rounds` must be >= 1 and `--warmup` >= 0, got {args.iterations}, {args.rounds} and "
+            f"{args.warmup}."
+        )
     with tempfile.TemporaryDirectory(prefix="trl_compare_") as tmp:
         workdir = args.workdir or tmp
         if not os.path.isfile(os.path.join(workdir, "prompts.json")):
             os.makedirs(workdir, exist_ok=True)
             run_side(sys.executable, "prepare", args, workdir)
-        results = {
-            side: run_side(py, side, args, workdir) for side, py in (("ours", sys.executable), ("trl", args.trl_python))
-        }
-    ours, theirs = results["ours"], results["trl"]
-    speedup = theirs["seconds_per_iteration"] / ours["seconds_per_iteration"]
+        rounds = []  # the sides alternate, so that a machine that slows down over the run slows both
+        for _ in range(args.rounds):
+            rounds.append(
+                {side: run_side(py, side, args, workdir) for side, py in (("ours", sys.executable), ("trl", args.trl_python))}
+            )
+    speedups = [r["trl"]["seconds_per_iteration"] / r["ours"]["seconds_per_iteration"] for r in rounds]
+    speedup = statistics.median_low(speedups)  # a round's own figure, also for an even number of rounds
+    middle = speedups.index(speedup)
+    ours, theirs = rounds[middle]["ours"], rounds[middle]["trl"]
     precision = "bf16 autocast" if args.bf16 else "fp32"
     print(f"\nmodel={args.model} prompts={N_PROMPTS} max_new_tokens={MAX_NEW_TOKENS} epochs=1 minibatches=1 {precision} CPU")
 
     threads = f"torch threads: ours {ours['threads']}, TRL {theirs['threads']}"
     print(f"median of {args.iterations} iterations after {args.warmup} warm-up; {threads}")
     print(f"versions (TRL side): {theirs['versions']}")
+    if len(rounds) > 1:
+        print(f"speed-up per round (ours, then TRL): {', '.join(f'{x:.2f}x' for x in speedups)}; the median round:")
     print(f"| {'implementation':<36} | {'s / iteration':>13} | {'speed-up':>8} | {'peak RSS':>9} |")
     print(f"|{'-' * 38}|{'-' * 15}|{'-' * 10}|{'-' * 11}|")
     for name, result, ratio in (
         ("TRL 1.12 PPOTrainer (experimental)", theirs, 1.0),
-        ("sb3_textrl PPO('LMPolicy') + KL", ours, speedup),
+        ("sb3_textrl PPO('LMPolicy') + KL", ours, speedups[middle]),
     ):
         rss = f"{result['peak_rss_gib']:.2f} GiB"
         print(f"| {name:<36} | {result['seconds_per_iteration']:>13.2f} | {ratio:>7.2f}x | {rss:>9} |")
-    print(f"ours / TRL time: {1 / speedup:.2f} (target <= 0.50)")
+    print(f"ours / TRL time: {1 / speedup:.2f} (median round of {len(rounds)}; target <= 0.50)")
 
 
 if __name__ == "__main__":

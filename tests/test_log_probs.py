@@ -1,7 +1,6 @@
+import pytest
 import torch as th
 from torch.distributions import Categorical
-
-import pytest
 
 from sb3_textrl.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
 

@@ -165,7 +165,7 @@ def test_packed_passes_equal_padded_ones(tiny_lm_path, system_prompt, max_tokens
         grads = [p.grad.clone() for p in policy.lm.parameters() if p.grad is not None]
         results.append((values.detach(), log_prob.detach(), entropy.detach(), grads, policy.reference_log_prob(obs, actions)))
     assert len(calls) == 2  # the training pass and the reference pass ran packed
-    _, ids, mask, _, _, p = calls[0]
+    _, _, mask, _, _, p = calls[0]
     lengths = (mask.sum(dim=1) - p).tolist()
     assert (len(packing.pack(lengths, max_tokens)) > 1) == (max_tokens == 8)
     (v1, lp1, e1, g1, r1), (v2, lp2, e2, g2, r2) = results
