@@ -4,9 +4,10 @@ A batch of rows of different lengths padded to the longest one computes every pa
 training and reference passes over a rollout's episodes (prompts and completions of all lengths) spend ~25-30 % of
 their work on padding. Packing puts the rows' tokens one after another in a few packed rows ("bins") of at most
 ``max_tokens`` tokens, each token tagged with its row (segment) and position, and a block-diagonal causal mask lets
-each token attend to its own row and the shared prefix only (as ``DataCollatorWithFlattening`` in transformers or
-the varlen kernels of FlashAttention). Attention within a bin costs ``max_tokens`` keys per token instead of a row's
-length, which bounds the bins: the linear layers' work, not attention's, dominates up to a few hundred tokens.
+each token attend to its own row and the shared prefix only (packing without cross-contamination: Krell et al. 2021,
+https://arxiv.org/abs/2107.02027; as ``DataCollatorWithFlattening`` in transformers or FlashAttention's varlen
+kernels). Attention within a bin costs ``max_tokens`` keys per token instead of a row's length, which bounds the
+bins: the linear layers' work, not attention's, dominates up to a few hundred tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch as th
 from transformers import PreTrainedModel
 
 from sb3_textrl.kv_cache import packed_attention, packed_attention_mask
-from sb3_textrl.prefix_sharing import make_cache, prefix_cache, split_prefix
+from sb3_textrl.prefix_sharing import attended_spans, make_cache, prefix_cache, split_prefix
 
 # tokens per packed row (a longer row gets a packed row of its own)
 MAX_PACKED_TOKENS = 256
@@ -30,9 +31,10 @@ def pack(lengths: list[int], max_tokens: int) -> list[list[int]]:
     Rows into bins of at most ``max(max_tokens, longest row)`` tokens, first-fit by decreasing length.
 
     :param lengths: each row's number of tokens
-    :return: the bins, each a list of row indices
+    :param max_tokens: tokens per bin
+    :return: the bins, each a list of row indices (none for no rows)
     """
-    capacity = max(max_tokens, *lengths)
+    capacity = max([max_tokens, *lengths])
     bins: list[list[int]] = []
     room: list[int] = []
     for row in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -50,13 +52,14 @@ def packable(lm: PreTrainedModel, attention_mask: th.Tensor) -> bool:
     """
     Whether rows can run packed: every row's attended tokens contiguous (packing keeps only those), and no sliding
     window shorter than the rows (the packed mask has none).
+
+    :param lm: the causal LM (its config's ``sliding_window``, if any)
+    :param attention_mask: ``(batch, length)`` int64
     """
     window = getattr(lm.config.get_text_config(), "sliding_window", None)
     if window is not None and window < attention_mask.shape[1]:
         return False
-    mask = attention_mask.bool()
-    runs = (mask[:, 1:] & ~mask[:, :-1]).sum(dim=1) + mask[:, 0]
-    return bool((runs == 1).all())
+    return bool(attended_spans(attention_mask)[2].all())
 
 
 def forward_packed(

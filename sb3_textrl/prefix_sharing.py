@@ -32,7 +32,7 @@ def make_cache(layers: list[tuple[th.Tensor, th.Tensor]]) -> DynamicCache:
     return cache
 
 
-def _spans(attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+def attended_spans(attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
     """First attended column, number of attended tokens, and whether those tokens are contiguous, per row."""
     mask = attention_mask.bool()
     lengths = mask.sum(dim=1)
@@ -57,7 +57,7 @@ def shared_prefix_length(input_ids: th.Tensor, attention_mask: th.Tensor, min_le
     """
     if input_ids.shape[0] < 2:
         return 0
-    start, lengths, contiguous = _spans(attention_mask)
+    start, lengths, contiguous = attended_spans(attention_mask)
     if not bool(contiguous.all()):
         return 0
     aligned = _left_aligned(input_ids, start)
@@ -76,7 +76,7 @@ def split_prefix(input_ids: th.Tensor, attention_mask: th.Tensor, p: int) -> tup
     :return: ``prefix`` ``(p,)``, ``suffix_ids`` and ``suffix_mask`` ``(batch, suffix_width)`` (right padding),
         and ``offset`` ``(batch,)``: column ``c`` of row ``i`` is suffix column ``c - offset[i]``
     """
-    start, lengths, _ = _spans(attention_mask)
+    start, lengths, _ = attended_spans(attention_mask)
     aligned = _left_aligned(input_ids, start)
     width = int(lengths.max()) - p
     suffix_mask = (th.arange(width, device=input_ids.device)[None, :] < (lengths - p)[:, None]).to(attention_mask.dtype)
