@@ -76,6 +76,25 @@ def _steps(env, n_episodes):
     return obs, th.as_tensor([a for _, a in steps])
 
 
+def _training_results(policy, obs, actions):
+    """Values, log-probs, entropies, the LM's gradients of their sum, and reference log-probs."""
+    values, log_prob, entropy = policy.evaluate_actions(obs, actions)
+    (log_prob.sum() + values.sum() + entropy.sum()).backward()
+    grads = [p.grad.clone() for p in policy.lm.parameters() if p.grad is not None]
+    return values.detach(), log_prob.detach(), entropy.detach(), grads, policy.reference_log_prob(obs, actions)
+
+
+def _assert_same_results(first, second):
+    (v1, lp1, e1, g1, r1), (v2, lp2, e2, g2, r2) = first, second
+    th.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
+    th.testing.assert_close(lp1, lp2, atol=1e-5, rtol=1e-5)
+    th.testing.assert_close(e1, e2, atol=1e-5, rtol=1e-5)
+    th.testing.assert_close(r1, r2, atol=1e-5, rtol=1e-5)
+    assert len(g1) == len(g2) > 0
+    for a, b in zip(g1, g2):
+        th.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("system_prompt", [SYSTEM_PROMPT, None], ids=["system_prompt", "plain"])
 def test_training_path_equals_full_forwards(tiny_lm_path, system_prompt):
     """evaluate_actions, reference log-probs and the gradients are those of full forwards."""
@@ -86,18 +105,8 @@ def test_training_path_equals_full_forwards(tiny_lm_path, system_prompt):
     assert shared_prefix_length(input_ids, attention_mask) >= 8  # the path under test is taken
     results = []
     for policy in (shared, plain):
-        values, log_prob, entropy = policy.evaluate_actions(obs, actions)
-        (log_prob.sum() + values.sum() + entropy.sum()).backward()
-        grads = [p.grad.clone() for p in policy.lm.parameters() if p.grad is not None]
-        results.append((values.detach(), log_prob.detach(), entropy.detach(), grads, policy.reference_log_prob(obs, actions)))
-    (v1, lp1, e1, g1, r1), (v2, lp2, e2, g2, r2) = results
-    th.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
-    th.testing.assert_close(lp1, lp2, atol=1e-5, rtol=1e-5)
-    th.testing.assert_close(e1, e2, atol=1e-5, rtol=1e-5)
-    th.testing.assert_close(r1, r2, atol=1e-5, rtol=1e-5)
-    assert len(g1) == len(g2) > 0
-    for a, b in zip(g1, g2):
-        th.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        results.append(_training_results(policy, obs, actions))
+    _assert_same_results(*results)
 
 
 @pytest.mark.parametrize("max_packed_prefill", [256, 0])  # 0: new rows run as a padded batch after the prefix
@@ -135,6 +144,7 @@ def test_pack_by_hand():
     assert packing.pack([5, 3, 4, 2], max_tokens=6) == [[0], [2, 3], [1]]
     assert packing.pack([9, 2, 5], max_tokens=6) == [[0], [2, 1]]  # a longer row widens every bin: 5 + 2 fit in 9
     assert packing.pack([1, 1, 1], max_tokens=2) == [[0, 1], [2]]
+    assert packing.pack([], max_tokens=6) == []
 
 
 @pytest.mark.parametrize("max_tokens", [256, 8], ids=["one_packed_row", "many_packed_rows"])
@@ -160,19 +170,9 @@ def test_packed_passes_equal_padded_ones(tiny_lm_path, system_prompt, max_tokens
         with th.no_grad():
             th.nn.init.normal_(policy.value_head.weight, std=1.0, generator=th.Generator().manual_seed(0))
         obs, actions = _steps(env, 6)
-        values, log_prob, entropy = policy.evaluate_actions(obs, actions)
-        (log_prob.sum() + values.sum() + entropy.sum()).backward()
-        grads = [p.grad.clone() for p in policy.lm.parameters() if p.grad is not None]
-        results.append((values.detach(), log_prob.detach(), entropy.detach(), grads, policy.reference_log_prob(obs, actions)))
+        results.append(_training_results(policy, obs, actions))
     assert len(calls) == 2  # the training pass and the reference pass ran packed
     _, _, mask, _, _, p = calls[0]
     lengths = (mask.sum(dim=1) - p).tolist()
     assert (len(packing.pack(lengths, max_tokens)) > 1) == (max_tokens == 8)
-    (v1, lp1, e1, g1, r1), (v2, lp2, e2, g2, r2) = results
-    th.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
-    th.testing.assert_close(lp1, lp2, atol=1e-5, rtol=1e-5)
-    th.testing.assert_close(e1, e2, atol=1e-5, rtol=1e-5)
-    th.testing.assert_close(r1, r2, atol=1e-5, rtol=1e-5)
-    assert len(g1) == len(g2) > 0
-    for a, b in zip(g1, g2):
-        th.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _assert_same_results(*results)
