@@ -54,3 +54,42 @@ def test_lm_head_logits_equal_linear_with_gradients(with_bias):
     th.testing.assert_close(logits, expected)
     for grad, expected_grad in zip(grads, expected_grads):
         th.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("lm_kind", ["llama", "gpt2"])
+def test_sparse_embedding_gradient_equals_dense(lm_kind, tiny_llama_path, tiny_gpt2_path, monkeypatch):
+    """The tied embedding's lookup gradient is sparse, yet .grad is dense and equal to the dense lookup's."""
+    import contextlib
+
+    import gymnasium as gym
+    import numpy as np
+
+    import sb3_textrl.policies
+    from sb3_textrl.log_probs import sparse_embedding_gradient
+    from sb3_textrl.policies import LMPolicy
+
+    path = {"llama": tiny_llama_path, "gpt2": tiny_gpt2_path}[lm_kind]
+    env = gym.make("sb3_textrl/TextGeneration-v0", model_name_or_path=path, prompts=["hello there", "the sun is"])
+    obs, _ = env.reset(seed=0)
+    obs = {k: th.as_tensor(np.stack([obs[k]] * 3)) for k in obs}
+    actions = th.tensor([5, 7, 9])
+    policy = LMPolicy(env.observation_space, env.action_space, lambda _: 1e-3)
+    lookups = []
+    policy.lm.get_input_embeddings().register_forward_hook(lambda m, a, out: lookups.append(m.sparse))
+    grads = []
+    for sparse in (True, False):
+        if not sparse:  # the plain dense lookup
+            monkeypatch.setattr(sb3_textrl.policies, "sparse_embedding_gradient", lambda lm: contextlib.nullcontext())
+        policy.optimizer.zero_grad()
+        values, log_prob, entropy = policy.evaluate_actions(obs, actions)
+        (values.sum() + log_prob.sum() + entropy.sum()).backward()
+        weight = policy.lm.get_input_embeddings().weight
+        assert weight is policy.lm.get_output_embeddings().weight  # tied
+        assert weight.grad is not None and weight.grad.layout == th.strided  # dense: what Adam needs
+        grads.append([p.grad.clone() for p in policy.parameters() if p.grad is not None])
+    assert lookups == [True, False]  # each path was taken
+    assert not policy.lm.get_input_embeddings().sparse  # restored
+    for a, b in zip(*grads, strict=True):
+        th.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with th.no_grad(), sparse_embedding_gradient(policy.lm) as engaged:
+        assert not engaged  # nothing to do without gradients
