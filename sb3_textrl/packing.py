@@ -114,7 +114,9 @@ def forward_packed(
     eager = lm.config._attn_implementation == "eager"
     with contextlib.nullcontext("eager") if eager else packed_attention(lm) as attention:
         if p:
-            past = make_cache([(k.expand(len(bins), -1, -1, -1), v.expand(len(bins), -1, -1, -1)) for k, v in layers])
+            past = make_cache(
+                [(k.expand(len(bins), -1, -1, -1), v.expand(len(bins), -1, -1, -1)) for k, v in layers], read_only=True
+            )
             prefix_positions = th.arange(p, device=device)[None].expand(len(bins), -1)
             key_segment = th.cat([th.full_like(prefix_positions, _PREFIX_SEGMENT), segments], dim=1)
             key_position = th.cat([prefix_positions, positions], dim=1)
@@ -131,6 +133,6 @@ def forward_packed(
                 for b in range(len(bins))
             ]
         )
-        out = lm.base_model(**tokens, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=bool(p))
+        out = lm.base_model(**tokens, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=False)
     suffix_columns = read_columns - offset[read_rows]
     return out[0][where_bin[read_rows, suffix_columns], where_column[read_rows, suffix_columns]]

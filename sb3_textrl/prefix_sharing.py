@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import torch as th
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from sb3_textrl.checkpointing import paused
 
 # shorter shared prefixes are not worth a second forward call
 MIN_PREFIX_LENGTH = 8
@@ -24,11 +27,27 @@ def cache_layers(cache: DynamicCache) -> list[tuple[th.Tensor, th.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache))
 
 
-def make_cache(layers: list[tuple[th.Tensor, th.Tensor]]) -> DynamicCache:
-    """A ``DynamicCache`` holding the given per-layer ``(keys, values)``."""
+class _ReadOnlyLayer(DynamicLayer):
+    """A cache layer whose ``update`` returns the cached keys and values followed by the new ones, storing nothing."""
+
+    def update(self, key_states: th.Tensor, value_states: th.Tensor, *args, **kwargs) -> tuple[th.Tensor, th.Tensor]:
+        return th.cat([self.keys, key_states], dim=-2), th.cat([self.values, value_states], dim=-2)
+
+
+def make_cache(layers: list[tuple[th.Tensor, th.Tensor]], read_only: bool = False) -> DynamicCache:
+    """
+    A ``DynamicCache`` holding the given per-layer ``(keys, values)``.
+
+    :param layers: per layer, keys and values ``(batch, kv_heads, length, head_dim)``
+    :param read_only: forward passes read the cache but never extend it, so the same pass run twice (as a
+        checkpointed layer is, see :mod:`sb3_textrl.checkpointing`) sees the same keys
+    """
     cache = DynamicCache()
     for index, (keys, values) in enumerate(layers):
         cache.update(keys, values, index)
+    if read_only:
+        for layer in cache.layers:
+            layer.__class__ = _ReadOnlyLayer
     return cache
 
 
@@ -95,7 +114,8 @@ def prefix_cache(
     p = prefix.shape[0]
     positions = th.arange(p, device=prefix.device)[None]
     tokens = dict(input_ids=prefix[None]) if inputs_embeds is None else dict(inputs_embeds=inputs_embeds[None])
-    out = lm.base_model(**tokens, attention_mask=th.ones_like(positions), position_ids=positions, use_cache=True)
+    with paused(lm):  # a checkpointed layer fills no cache
+        out = lm.base_model(**tokens, attention_mask=th.ones_like(positions), position_ids=positions, use_cache=True)
     return cache_layers(out.past_key_values)
 
 
@@ -117,10 +137,13 @@ def forward_suffixes(
     """
     batch, width = suffix_ids.shape
     p = prefix_layers[0][0].shape[2] if prefix_layers else 0
-    past = make_cache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix_layers]) if p else None
+    past = None
+    if p:
+        expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix_layers]
+        past = make_cache(expanded, read_only=not use_cache)  # read-only: the cache ends with the prefix
     mask = th.cat([suffix_mask.new_ones(batch, p), suffix_mask], dim=1)
     positions = (p + th.arange(width, device=suffix_ids.device))[None].expand(batch, -1)
     out = lm.base_model(
-        input_ids=suffix_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
+        input_ids=suffix_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=use_cache
     )
     return out[0], mask, out.past_key_values if use_cache else None
