@@ -3,11 +3,7 @@ and fast sampling."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch as th
-from transformers import PreTrainedModel
 
 
 def lm_head_logits(hidden: th.Tensor, weight: th.Tensor, bias: th.Tensor | None = None) -> th.Tensor:
@@ -28,47 +24,6 @@ def lm_head_logits(hidden: th.Tensor, weight: th.Tensor, bias: th.Tensor | None 
         return th.nn.functional.linear(hidden, weight, bias)
     logits = th.mm(weight, hidden.t()).t().contiguous()
     return logits if bias is None else logits + bias
-
-
-@contextlib.contextmanager
-def sparse_embedding_gradient(lm: PreTrainedModel) -> Iterator[bool]:
-    """
-    Within the block, the input-embedding lookup of an LM whose embedding is tied to its LM head (SmolLM2, GPT-2) has
-    a sparse gradient (``nn.Embedding(sparse=True)``).
-
-    A lookup's dense gradient is a zero-filled copy of the whole table (113 MB for SmolLM2, ~0.25 s to fill on a CPU)
-    with the looked-up rows added, which autograd then adds to the LM head's gradient of the same weight. A sparse one
-    holds only the looked-up rows, and autograd adds it into the head's dense gradient before it reaches ``.grad``, so
-    optimizers and ``clip_grad_norm_`` still see a dense gradient, equal to the dense path's. Only for passes whose
-    loss also runs through the LM head (:meth:`evaluate_actions`): a gradient through the lookup alone would stay
-    sparse, which Adam rejects. Does nothing (yields ``False``) unless gradients are enabled and the embedding is a
-    trainable ``nn.Embedding`` tied to the head, outside FSDP.
-    """
-    embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
-    tied = (
-        th.is_grad_enabled()
-        and isinstance(embedding, th.nn.Embedding)
-        and head is not None
-        and embedding.weight is head.weight
-        and embedding.weight.requires_grad
-        and not isinstance(lm, _fsdp_module_type())
-    )
-    if not tied:
-        yield False
-        return
-    previous, embedding.sparse = embedding.sparse, True
-    try:
-        yield True
-    finally:
-        embedding.sparse = previous
-
-
-def _fsdp_module_type() -> type | tuple:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch built without distributed support
-        return ()
-    return FSDPModule
 
 
 class _LogProbEntropy(th.autograd.Function):

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from sb3_textrl.checkpointing import enable_checkpointing, set_checkpointing
 from sb3_textrl.kv_cache import RolloutKVCache
 from sb3_textrl.loading import load_causal_lm, load_tokenizer
-from sb3_textrl.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical, sparse_embedding_gradient
+from sb3_textrl.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
 from sb3_textrl.packing import forward_packed, packable
 from sb3_textrl.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
 from sb3_textrl.token_masks import last_token_index, position_ids
@@ -412,8 +412,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         :param actions: ``(batch,)`` token ids
         :return: values ``(batch, 1)``, log-probs ``(batch,)``, entropies ``(batch,)``, all float32
         """
-        with sparse_embedding_gradient(self.lm):  # the loss runs through the tied LM head too
-            hidden = self._last_hidden(obs, self.lm, cached=True)
+        hidden = self._last_hidden(obs, self.lm, cached=True)
         # no Categorical object here: its autograd graph keeps ~4 vocabulary-sized tensors per row, this keeps one
         log_prob, entropy = log_prob_and_entropy(self._logits(hidden, self.lm, obs), actions.long().flatten())
         return self.value_head(hidden.float()), log_prob, entropy
