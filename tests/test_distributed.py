@@ -239,6 +239,10 @@ def _fsdp_worker(rank: int, tmp_path: str, model_path: str) -> None:
         out[f"actions-{fsdp}"] = model.rollout_buffer.actions.copy()
         if fsdp:
             out["full"] = prepared.full_state_dict()
+    model = _ppo(model_path, 0, activation_checkpointing=True)  # sharded layers, recomputed in backward
+    distributed.prepare_model(model, fsdp=True)
+    model.learn(32)
+    out["params-checkpointed"] = {name: p.detach().clone() for name, p in model.policy.named_parameters()}
     th.save(out, os.path.join(tmp_path, f"api-{rank}.pt"))
 
     check_in_sync = distributed.check_in_sync
@@ -293,6 +297,14 @@ def test_fsdp_matches_gradient_averaging(fsdp_run):
     assert "lm.lm_head.weight" in full and full.keys() >= replicated.keys()
     for name, value in replicated.items():
         assert th.allclose(full[name], value, rtol=0, atol=1e-6), name
+
+
+def test_fsdp_with_activation_checkpointing_trains_identically(fsdp_run):
+    for rank in range(WORLD_SIZE):
+        run = th.load(fsdp_run / f"api-{rank}.pt", weights_only=False)
+        assert run["params-checkpointed"].keys() == run["params-True"].keys()
+        for name, weight in run["params-True"].items():
+            th.testing.assert_close(run["params-checkpointed"][name], weight, atol=1e-6, rtol=1e-5)
 
 
 def test_fsdp_saved_model_loads_in_one_process(fsdp_run):
