@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="recompute every N-th decoder layer in the backward pass instead of keeping its activations (less memory, "
-        "~20-35%% slower updates at N=1); 0: off",
+        "~10-20%% slower updates at N=1 on a CPU); 0: off",
     )
     train.add_argument("--no-progress-bar", action="store_true", help="hide SB3's progress bar")
     train.add_argument("--verbose", type=int, default=0, help="SB3 verbosity (1 prints the logger's tables)")

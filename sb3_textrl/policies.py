@@ -117,8 +117,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         without padding (:mod:`sb3_textrl.packing`); results are the same up to float rounding
     :param activation_checkpointing: keep only each decoder layer's input in training passes and recompute the layer
         in the backward pass (:mod:`sb3_textrl.checkpointing`): ``True`` checkpoints every layer, an int ``n`` every
-        ``n``-th. Activation memory of a minibatch falls ~20x (every layer), for ~20-35 % more update time; results
-        are the same. Default ``False``. Needs transformers >= 5 (``activation_checkpointing_enable``)
+        ``n``-th. Activation memory of a minibatch falls ~20x (every layer), for ~10-20 % more update time (SmolLM2
+        on a CPU); results are the same. Default ``False``. Needs transformers >= 5 (``activation_checkpointing_enable``)
     :param autocast_dtype: run the LM's trunk under ``torch.autocast`` in this dtype (``"bfloat16"`` or
         ``"float16"``), e.g. on a GPU; the LM head, logits, log-probs and values stay float32. Default: off (float32).
         On a CPU without native instructions for that dtype (e.g. AVX2 only: no AVX512-BF16 or AMX) the matrix products
