@@ -168,11 +168,11 @@ def main() -> None:
     print(f"prefix sharing: {policy.prefix_sharing}, activation checkpointing: {policy.activation_checkpointing}")
     print(f"training state (weights + gradients + Adam moments + reference): {state:.2f} GiB")
     print(f"peak RSS during PPO {peak:.2f} GiB, {rss_start:.2f} GiB before loading, {rss_after_build:.2f} GiB after building")
-    print(f"memory ratio (peak RSS - RSS before loading) / training state: {(peak - rss_start) / state:.2f}")
+    print(f"memory ratio (peak RSS - RSS before loading) / training state: {(peak - rss_start) / state:.3f}")
     if allocated.available:
         ratio = (allocated_peak - allocated.start) / state
         print(f"peak allocated by malloc during PPO {allocated_peak:.2f} GiB, {allocated.start:.2f} GiB before loading")
-        print(f"allocated ratio (peak allocated - allocated before loading) / training state: {ratio:.2f}")
+        print(f"allocated ratio (peak allocated - allocated before loading) / training state: {ratio:.3f}")
 
 
 if __name__ == "__main__":
