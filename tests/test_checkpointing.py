@@ -1,35 +1,10 @@
 """Activation checkpointing: training passes recompute the decoder layers in backward and give the same results."""
 
-import gymnasium as gym
-import numpy as np
 import pytest
 import torch as th
+from test_prefix_sharing import SYSTEM_PROMPT, _env, _steps  # the same envs and random episodes
 
 from sb3_textrl.policies import LMPolicy
-
-SYSTEM_PROMPT = "You are a helpful assistant who writes short sentences."
-PROMPTS = ["Please answer in one short sentence: write one sentence about rain.", "Please answer in one short sentence: hi"]
-
-
-def _env(path, system_prompt):
-    kwargs = dict(model_name_or_path=path, prompts=PROMPTS, reward_fn=lambda p, c: [0.0] * len(c), max_new_tokens=4)
-    if system_prompt:
-        kwargs["system_prompt"] = system_prompt
-    return gym.make("sb3_textrl/TextGeneration-v0", **kwargs)
-
-
-def _batch(env, n_episodes=4):
-    rng = np.random.default_rng(0)
-    steps = []
-    for e in range(n_episodes):
-        obs, _ = env.reset(seed=e, options={"prompt_index": e % len(PROMPTS)})
-        done = False
-        while not done:
-            action = int(rng.integers(3, env.action_space.n))
-            steps.append((obs, action))
-            obs, _, done, _, _ = env.step(action)
-    obs = {key: th.as_tensor(np.stack([o[key] for o, _ in steps])) for key in ("input_ids", "attention_mask")}
-    return obs, th.as_tensor([a for _, a in steps])
 
 
 def _policy(env, checkpointing, **kwargs):
@@ -55,7 +30,7 @@ def _count_layer_forwards(policy):
 @pytest.mark.parametrize("system_prompt", [SYSTEM_PROMPT, None], ids=["system_prompt", "plain"])
 def test_checkpointed_training_pass_equals_plain(tiny_lm_path, system_prompt, packing):
     env = _env(tiny_lm_path, system_prompt)
-    obs, actions = _batch(env)
+    obs, actions = _steps(env, 4)
     results, n_forwards = [], []
     for checkpointed in (False, True):
         policy = _policy(env, checkpointed, packing=packing)
@@ -90,7 +65,7 @@ def test_checkpointing_every_n_layers_and_off_in_rollouts(tiny_llama_path):
 def test_checkpointed_double_backward_equals_plain(tiny_llama_path):
     """TRPO's Hessian-vector products (a backward through a backward) are the same with checkpointing."""
     env = _env(tiny_llama_path, SYSTEM_PROMPT)
-    obs, actions = _batch(env, n_episodes=2)
+    obs, actions = _steps(env, 2)
     products = []
     for checkpointed in (False, True):
         policy = _policy(env, checkpointed, model_kwargs=dict(attn_implementation="eager"))
