@@ -328,6 +328,9 @@ def train(args: argparse.Namespace) -> dict:
         before = EvaluationResult(**saved["before"])
         print(f"Resuming {resume_from} at {model.num_timesteps} timesteps.", flush=True)
     else:
+        policy_kwargs = dict(activation_checkpointing=args.activation_checkpointing or False)
+        if fsdp:  # one forward per minibatch on every rank (see sb3_textrl.fsdp)
+            policy_kwargs["prefix_sharing"] = False
         model = PPO(
             "LMPolicy",
             env,
@@ -342,10 +345,7 @@ def train(args: argparse.Namespace) -> dict:
             ent_coef=args.ent_coef,
             max_grad_norm=args.max_grad_norm,
             rollout_buffer_class=EpisodeRolloutBuffer,
-            # FSDP mode: one forward per minibatch on every rank (see sb3_textrl.fsdp)
-            policy_kwargs=dict(
-                activation_checkpointing=args.activation_checkpointing or False, **(dict(prefix_sharing=False) if fsdp else {})
-            ),
+            policy_kwargs=policy_kwargs,
             seed=seed,
             device=device,
             verbose=args.verbose if main_process else 0,
