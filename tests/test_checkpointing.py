@@ -83,3 +83,22 @@ def test_activation_checkpointing_must_be_bool_or_positive_int(tiny_llama_path, 
     env = _env(tiny_llama_path, None)
     with pytest.raises(ValueError, match="activation_checkpointing"):
         LMPolicy(env.observation_space, env.action_space, lambda _: 1e-3, activation_checkpointing=value)
+
+
+def test_activation_checkpointing_refuses_transformers_without_read_only_caches(tiny_llama_path, monkeypatch):
+    # transformers < 5: its layers drop any cache (the shared prefix) when checkpointed, so results would be wrong
+    import sb3_textrl.checkpointing as checkpointing
+
+    monkeypatch.setattr(checkpointing, "GradientCheckpointingLayer", type("GradientCheckpointingLayer", (), {}))
+    env = _env(tiny_llama_path, None)
+    with pytest.raises(ValueError, match="transformers >= 5"):
+        LMPolicy(env.observation_space, env.action_space, lambda _: 1e-3, activation_checkpointing=True)
+
+
+def test_activation_checkpointing_refuses_models_without_it(tiny_llama_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
+    env = _env(tiny_llama_path, None)
+    with pytest.raises(ValueError, match="does not support activation checkpointing"):
+        LMPolicy(env.observation_space, env.action_space, lambda _: 1e-3, activation_checkpointing=True)
