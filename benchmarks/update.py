@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import resource
 import threading
 import time
@@ -167,6 +168,9 @@ def main() -> None:
     peak = ppo_peak
     print(f"prefix sharing: {policy.prefix_sharing}, activation checkpointing: {policy.activation_checkpointing}")
     print(f"training state (weights + gradients + Adam moments + reference): {state:.2f} GiB")
+    # the allocator decides how much freed memory stays in RSS: say which one this run had
+    knobs = {k: v for k, v in os.environ.items() if k == "LD_PRELOAD" or k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    print(f"allocator settings: {knobs or 'none (glibc defaults, unless another malloc is linked in)'}")
     print(f"peak RSS during PPO {peak:.2f} GiB, {rss_start:.2f} GiB before loading, {rss_after_build:.2f} GiB after building")
     print(f"memory ratio (peak RSS - RSS before loading) / training state: {(peak - rss_start) / state:.3f}")
     if allocated.available:
