@@ -3,7 +3,9 @@
 import pytest
 import torch as th
 from test_prefix_sharing import SYSTEM_PROMPT, _env, _steps  # the same envs and random episodes
+from transformers import LlamaForCausalLM
 
+from sb3_textrl import checkpointing
 from sb3_textrl.policies import LMPolicy
 
 
@@ -87,8 +89,6 @@ def test_activation_checkpointing_must_be_bool_or_positive_int(tiny_llama_path, 
 
 def test_activation_checkpointing_refuses_transformers_without_read_only_caches(tiny_llama_path, monkeypatch):
     # transformers < 5: its layers drop any cache (the shared prefix) when checkpointed, so results would be wrong
-    import sb3_textrl.checkpointing as checkpointing
-
     monkeypatch.setattr(checkpointing, "GradientCheckpointingLayer", type("GradientCheckpointingLayer", (), {}))
     env = _env(tiny_llama_path, None)
     with pytest.raises(ValueError, match="transformers >= 5"):
@@ -96,8 +96,6 @@ def test_activation_checkpointing_refuses_transformers_without_read_only_caches(
 
 
 def test_activation_checkpointing_refuses_models_without_it(tiny_llama_path, monkeypatch):
-    from transformers import LlamaForCausalLM
-
     monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
     env = _env(tiny_llama_path, None)
     with pytest.raises(ValueError, match="does not support activation checkpointing"):
