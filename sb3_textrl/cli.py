@@ -210,6 +210,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--checkpoint-every` (rollouts) must be >= 0, got {args.checkpoint_every}; 0 saves only on SIGINT.")
     if args.eval_every < 0:
         raise ValueError(f"`--eval-every` (rollouts) must be >= 0, got {args.eval_every}; 0 disables it.")
+    if args.activation_checkpointing < 0:
+        raise ValueError(
+            f"`--activation-checkpointing` (every N-th decoder layer) must be >= 0, got {args.activation_checkpointing}; "
+            "0 turns it off."
+        )
     if getattr(args, "fsdp", False):
         if not distributed.launched_distributed():
             raise ValueError(

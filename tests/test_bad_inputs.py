@@ -349,6 +349,7 @@ def test_batch_larger_than_rollout(tiny_llama_path):
         ("--total-timesteps", "0", "`--total-timesteps` must be a positive integer"),
         ("--max-new-tokens", "-3", "`--max-new-tokens` must be a positive integer"),
         ("--learning-rate", "0", "`--learning-rate` must be > 0"),
+        ("--activation-checkpointing", "-1", "`--activation-checkpointing` .* must be >= 0"),
     ],
 )
 def test_cli_bad_numbers(tiny_llama_path, tmp_path, capsys, flag, value, match):
