@@ -114,9 +114,7 @@ def forward_packed(
     eager = lm.config._attn_implementation == "eager"
     with contextlib.nullcontext("eager") if eager else packed_attention(lm) as attention:
         if p:
-            past = make_cache(
-                [(k.expand(len(bins), -1, -1, -1), v.expand(len(bins), -1, -1, -1)) for k, v in layers], read_only=True
-            )
+            past = make_cache(layers, read_only=True, batch=len(bins))
             prefix_positions = th.arange(p, device=device)[None].expand(len(bins), -1)
             key_segment = th.cat([th.full_like(prefix_positions, _PREFIX_SEGMENT), segments], dim=1)
             key_position = th.cat([prefix_positions, positions], dim=1)

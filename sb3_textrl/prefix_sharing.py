@@ -34,16 +34,19 @@ class _ReadOnlyLayer(DynamicLayer):
         return th.cat([self.keys, key_states], dim=-2), th.cat([self.values, value_states], dim=-2)
 
 
-def make_cache(layers: list[tuple[th.Tensor, th.Tensor]], read_only: bool = False) -> DynamicCache:
+def make_cache(layers: list[tuple[th.Tensor, th.Tensor]], read_only: bool = False, batch: int | None = None) -> DynamicCache:
     """
     A ``DynamicCache`` holding the given per-layer ``(keys, values)``.
 
     :param layers: per layer, keys and values ``(batch, kv_heads, length, head_dim)``
     :param read_only: forward passes read the cache but never extend it, so the same pass run twice (as a
         checkpointed layer is, see :mod:`sb3_textrl.checkpointing`) sees the same keys
+    :param batch: expand one-row keys and values to this many rows (views, not copies); ``None``: as given
     """
     cache = DynamicCache()
     for index, (keys, values) in enumerate(layers):
+        if batch is not None:
+            keys, values = keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
         cache.update(keys, values, index)
     if read_only:
         for layer in cache.layers:
@@ -137,10 +140,8 @@ def forward_suffixes(
     """
     batch, width = suffix_ids.shape
     p = prefix_layers[0][0].shape[2] if prefix_layers else 0
-    past = None
-    if p:
-        expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix_layers]
-        past = make_cache(expanded, read_only=not use_cache)  # read-only: the cache ends with the prefix
+    # read-only: the cache ends with the prefix
+    past = make_cache(prefix_layers, read_only=not use_cache, batch=batch) if p else None
     mask = th.cat([suffix_mask.new_ones(batch, p), suffix_mask], dim=1)
     positions = (p + th.arange(width, device=suffix_ids.device))[None].expand(batch, -1)
     out = lm.base_model(
