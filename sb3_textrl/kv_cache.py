@@ -24,6 +24,7 @@ from sb3_textrl.prefix_sharing import (
     shared_prefix_length,
     split_prefix,
 )
+from sb3_textrl.prepacked import PrepackedLinears
 from sb3_textrl.token_masks import last_token_index
 
 # new rows remembered per weights version (SmolLM2: ~45 KiB per token of a row's own keys and values)
@@ -143,6 +144,7 @@ class RolloutKVCache:
 
     def __init__(self, lm: PreTrainedModel):
         self.lm = lm
+        self.linears = PrepackedLinears(lm.base_model)
         self.reset()
 
     def _weights_fingerprint(self) -> tuple[int, int]:
@@ -167,6 +169,8 @@ class RolloutKVCache:
         self.row_segments: th.Tensor | None = None  # (batch, 2): each row's own segment and its prefix's
         self.prefix_segments: dict[tuple[int, ...], int] = {}  # prefixes in the cache: their segment
         self._next_segment = 0
+        self.linears.clear()
+        self._forwards = 0  # calls that ran a forward under the current weights
 
     @property
     def length(self) -> int:
@@ -210,8 +214,25 @@ class RolloutKVCache:
             extended = tokens_kept & (new_last == old_last + 1) & (attention_mask == grown).all(dim=1)
             if same.all():
                 return self.hidden
-        fresh = ~(same | extended)
+        # the second forward under these weights on (a rollout, not a one-off predict()) runs on prepacked weights
+        self._forwards += 1
+        with self.linears.applied(batch) if self._forwards > 1 else contextlib.nullcontext():
+            self._run(input_ids, attention_mask, same, extended, prefix_sharing)
+        self._drop_dead_columns()
+        return self.hidden
 
+    def _run(
+        self, input_ids: th.Tensor, attention_mask: th.Tensor, same: th.Tensor, extended: th.Tensor, prefix_sharing: bool
+    ) -> None:
+        """
+        Run the call's new tokens (the rows' steps, new rows, a new shared prefix) and set ``self.hidden``.
+
+        :param same: ``(batch,)`` bool: rows whose observation is the cached one
+        :param extended: ``(batch,)`` bool: rows whose observation is the cached one plus one token
+        """
+        batch, device = input_ids.shape[0], input_ids.device
+        new_last = last_token_index(attention_mask)
+        fresh = ~(same | extended)
         # the call's new tokens, one group per row (or prefix): (row or None, ids, positions, segments it sees)
         groups: list[tuple[int | None, th.Tensor, th.Tensor, th.Tensor]] = []
         hidden: list[th.Tensor | None] = [self.hidden[i] if bool(same[i]) else None for i in range(batch)]
@@ -259,8 +280,6 @@ class RolloutKVCache:
         if groups:
             self._forward(groups, hidden, todo)
         self.input_ids, self.obs_mask, self.hidden = input_ids.clone(), attention_mask.clone(), th.stack(hidden)
-        self._drop_dead_columns()
-        return self.hidden
 
     def _prefix_segment(self, prefix_key: tuple[int, ...], prefix: th.Tensor, groups: list, copies: list) -> int:
         """The prefix's segment in the cache: kept, copied in from memory, or queued to run in this call's forward."""

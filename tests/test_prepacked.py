@@ -1,0 +1,72 @@
+import pytest
+import torch as th
+from test_policy import collect_episodes, fresh_distribution, make_env, make_policy, stack
+from transformers import AutoModelForCausalLM
+
+from sb3_textrl import prepacked
+from sb3_textrl.prepacked import PrepackedLinears, packable_linears
+
+pytestmark = pytest.mark.skipif(not packable_linears(th.nn.Linear(2, 2)), reason="this PyTorch has no oneDNN linear ops")
+
+
+def test_packed_forward_equals_linear(tiny_llama_path, monkeypatch):
+    calls = []
+    packed_call = prepacked._PackedForward.__call__
+    monkeypatch.setattr(prepacked._PackedForward, "__call__", lambda self, x: calls.append(1) or packed_call(self, x))
+    lm = AutoModelForCausalLM.from_pretrained(tiny_llama_path).eval()
+    linears = PrepackedLinears(lm.base_model)
+    ids = th.randint(3, 300, (3, 7))
+    with th.no_grad():
+        expected = lm.base_model(input_ids=ids).last_hidden_state
+        with linears.applied(rows=3):
+            assert all("forward" in m.__dict__ for m in linears.packed)
+            out = lm.base_model(input_ids=ids).last_hidden_state
+    n_linears = sum(isinstance(m, th.nn.Linear) for m in lm.base_model.modules())
+    assert len(linears.packed) == n_linears == 7 * lm.config.num_hidden_layers  # q k v o, gate up down
+    assert not any("forward" in m.__dict__ for m in linears.packed)  # the layers are themselves again
+    assert len(calls) == n_linears  # each layer ran on its packed weight
+    th.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_restored_after_an_error(tiny_llama_path):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_llama_path).eval()
+    linears = PrepackedLinears(lm.base_model)
+    with pytest.raises(IndexError), th.no_grad(), linears.applied(rows=1):
+        lm.base_model(input_ids=th.tensor([[10**6]]))  # a token id outside the vocabulary
+    assert linears.packed and not any("forward" in m.__dict__ for m in linears.packed)
+
+
+def test_nothing_packed_with_gradients_or_other_dtypes(tiny_llama_path):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    linears = PrepackedLinears(lm.base_model)
+    with linears.applied(rows=1):  # gradients on: training steps use the layers as they are
+        assert not linears.packed
+    assert not packable_linears(lm.to(th.bfloat16).base_model)
+
+
+def test_rollout_runs_packed_and_frees_the_copies(tiny_llama_path):
+    """A rollout's later steps run on packed weights, equal to a full forward; an update or training mode drops them."""
+    env = make_env(tiny_llama_path, max_new_tokens=4)
+    policy = make_policy(env)
+    policy.set_training_mode(False)
+    episodes = collect_episodes(env, 2)
+    calls = [stack([episodes[0][t], episodes[1][t]]) for t in (0, 1)]  # two steps of the same two episodes
+
+    def rollout(check: bool):
+        for t, (obs, _) in enumerate(calls):
+            with th.no_grad():
+                logits = policy.get_distribution(obs).distribution.logits
+            assert bool(policy._kv_cache.linears.packed) == (t == 1)  # the first call runs as is, the second packed
+            if check:
+                th.testing.assert_close(logits, fresh_distribution(policy, obs)[0], atol=1e-5, rtol=0)
+
+    rollout(check=True)
+    # an optimizer step changes the weights: the copies go (the gradients they take the place of go too)
+    obs, actions = calls[1]
+    policy.evaluate_actions(obs, actions)[1].mean().backward()
+    policy.optimizer.step()
+    assert not policy._kv_cache.linears.packed
+    assert all(p.grad is None for p in policy.parameters())
+    rollout(check=True)  # packed again, from the new weights
+    policy.set_training_mode(True)  # training starts: the copies go
+    assert not policy._kv_cache.linears.packed
