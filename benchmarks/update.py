@@ -5,10 +5,11 @@ over the same episodes (the floor any implementation pays), measured in one run 
     python benchmarks/update.py --model PATH --n-envs 16 --max-new-tokens 24 --batch-size 192
     python benchmarks/update.py --no-prefix-sharing  # every row runs its whole prompt (system prompt included)
     python benchmarks/update.py --activation-checkpointing 1  # recompute every decoder layer in backward (2: every 2nd)
+    python benchmarks/update.py --no-prepacked        # rollouts run the linear layers as they are (memory A/B)
 
 Memory: the process's peak RSS above its RSS before the LM is loaded, divided by the training state any PPO
 implementation holds: the policy's weights, their gradients and Adam's two moments, and the frozen reference model.
-RSS is a process-wide high-water mark, so the two settings of `--no-prefix-sharing` run in separate processes.
+RSS is a process-wide high-water mark, so the two settings of a flag run in separate processes.
 Also printed (glibc only): the peak of the bytes malloc has handed out and not taken back (``mallinfo2``, sampled
 every 10 ms), the CPU's analogue of ``torch.cuda.max_memory_allocated``. The gap between the two is memory glibc's
 allocator keeps after ``free`` (chunks it cannot reuse or give back); another allocator changes it, e.g.
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-prefix-sharing", action="store_true")
     parser.add_argument("--activation-checkpointing", type=int, default=0, help="checkpoint every n-th layer (0: off)")
+    parser.add_argument("--no-prepacked", action="store_true", help="rollouts without prepacked weights (memory A/B)")
     args = parser.parse_args()
     rss_start = peak_rss_gib()
     allocated = AllocatedPeak()
@@ -133,6 +135,7 @@ def main() -> None:
         seed=0,
     )
     model._setup_learn(total_timesteps=10**9)
+    model.policy._kv_cache.linears.enabled = not args.no_prepacked
     callback = CallbackList([])
     callback.init_callback(model)
     rss_after_build = peak_rss_gib()
@@ -166,7 +169,10 @@ def main() -> None:
     reference = sum(p.numel() * p.element_size() for p in policy.reference_model.parameters()) if policy.reference_model else 0
     state = (frozen + 4 * trainable + reference) / 2**30  # weights, gradients, Adam's two moments; reference
     peak = ppo_peak
-    print(f"prefix sharing: {policy.prefix_sharing}, activation checkpointing: {policy.activation_checkpointing}")
+    print(
+        f"prefix sharing: {policy.prefix_sharing}, activation checkpointing: {policy.activation_checkpointing}, "
+        f"prepacked rollout weights: {policy._kv_cache.linears.enabled}"
+    )
     print(f"training state (weights + gradients + Adam moments + reference): {state:.2f} GiB")
     # the allocator decides how much freed memory stays in RSS: say which one this run had
     knobs = {k: v for k, v in os.environ.items() if k == "LD_PRELOAD" or k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
