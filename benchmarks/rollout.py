@@ -43,11 +43,11 @@ def rollout_seconds(
     """
     model.policy.prefix_sharing = prefix_sharing
     model.policy._kv_cache.reset()
-    model.policy._kv_cache.linears.enabled = prepacked
+    model.policy.prepacked_weights = prepacked
     start = time.perf_counter()
     model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
     seconds = time.perf_counter() - start
-    model.policy._kv_cache.linears.enabled = True
+    model.policy.prepacked_weights = True
     return seconds, model.n_steps * model.n_envs
 
 

@@ -130,12 +130,13 @@ def main() -> None:
         learning_rate=1e-6,
         rollout_buffer_class=EpisodeRolloutBuffer,
         policy_kwargs=dict(
-            prefix_sharing=not args.no_prefix_sharing, activation_checkpointing=args.activation_checkpointing or False
+            prefix_sharing=not args.no_prefix_sharing,
+            activation_checkpointing=args.activation_checkpointing or False,
+            prepacked_weights=not args.no_prepacked,
         ),
         seed=0,
     )
     model._setup_learn(total_timesteps=10**9)
-    model.policy._kv_cache.linears.enabled = not args.no_prepacked
     callback = CallbackList([])
     callback.init_callback(model)
     rss_after_build = peak_rss_gib()
@@ -171,7 +172,7 @@ def main() -> None:
     peak = ppo_peak
     print(
         f"prefix sharing: {policy.prefix_sharing}, activation checkpointing: {policy.activation_checkpointing}, "
-        f"prepacked rollout weights: {policy._kv_cache.linears.enabled}"
+        f"prepacked rollout weights: {policy.prepacked_weights}"
     )
     print(f"training state (weights + gradients + Adam moments + reference): {state:.2f} GiB")
     # the allocator decides how much freed memory stays in RSS: say which one this run had

@@ -182,13 +182,17 @@ class RolloutKVCache:
         return self._next_segment - 1
 
     @th.no_grad()
-    def last_hidden(self, input_ids: th.Tensor, attention_mask: th.Tensor, prefix_sharing: bool = True) -> th.Tensor:
+    def last_hidden(
+        self, input_ids: th.Tensor, attention_mask: th.Tensor, prefix_sharing: bool = True, prepacked_weights: bool = True
+    ) -> th.Tensor:
         """
         The LM's last hidden state at the last attended token of each observation.
 
         :param input_ids: ``(batch, max_length)`` int64
         :param attention_mask: ``(batch, max_length)`` int64
         :param prefix_sharing: new rows run only what follows the opening tokens all observations share
+        :param prepacked_weights: from the second forward under the same weights on, run the MLP layers on prepacked
+            copies of their weights (:mod:`sb3_textrl.prepacked`; CPU, float32)
         :return: ``(batch, hidden_size)``
         :raises ValueError: if a row attends to no token
         """
@@ -216,7 +220,7 @@ class RolloutKVCache:
                 return self.hidden
         # the second forward under these weights on (a rollout, not a one-off predict()) runs on prepacked weights
         self._forwards += 1
-        with self.linears.applied(batch) if self._forwards > 1 else contextlib.nullcontext():
+        with self.linears.applied(batch) if prepacked_weights and self._forwards > 1 else contextlib.nullcontext():
             self._run(input_ids, attention_mask, same, extended, prefix_sharing)
         self._drop_dead_columns()
         return self.hidden

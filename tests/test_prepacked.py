@@ -21,10 +21,10 @@ def test_packed_forward_equals_linear(tiny_llama_path, monkeypatch):
         with linears.applied(rows=3):
             assert all("forward" in m.__dict__ for m in linears.packed)
             out = lm.base_model(input_ids=ids).last_hidden_state
-    n_linears = sum(isinstance(m, th.nn.Linear) for m in lm.base_model.modules())
-    assert len(linears.packed) == n_linears == 7 * lm.config.num_hidden_layers  # q k v o, gate up down
+    assert len(linears.packed) == 3 * lm.config.num_hidden_layers  # the MLP's gate, up and down projections
+    assert {name.split(".")[-2] for name, m in lm.base_model.named_modules() if m in linears.packed} == {"mlp"}
     assert not any("forward" in m.__dict__ for m in linears.packed)  # the layers are themselves again
-    assert len(calls) == n_linears  # each layer ran on its packed weight
+    assert len(calls) == len(linears.packed)  # each packed layer ran on its packed weight
     th.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -70,3 +70,15 @@ def test_rollout_runs_packed_and_frees_the_copies(tiny_llama_path):
     rollout(check=True)  # packed again, from the new weights
     policy.set_training_mode(True)  # training starts: the copies go
     assert not policy._kv_cache.linears.packed
+
+
+def test_prepacked_weights_off(tiny_llama_path):
+    env = make_env(tiny_llama_path, max_new_tokens=4)
+    policy = make_policy(env, prepacked_weights=False)
+    assert policy._get_constructor_parameters()["prepacked_weights"] is False  # saved with the model
+    policy.set_training_mode(False)
+    episodes = collect_episodes(env, 1)
+    with th.no_grad():
+        for t in (0, 1):
+            policy.get_distribution(stack([episodes[0][t]])[0])
+    assert policy._kv_cache.length > 0 and not policy._kv_cache.linears.packed
