@@ -76,11 +76,11 @@ class PrepackedLinears:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.packed: dict[nn.Linear, th.Tensor] = {}
+        self.packed: dict[nn.Linear, th.Tensor] | None = None  # None: not packed under the current weights
 
     def clear(self) -> None:
         """Drop the packed copies (the weights changed, or training starts and needs the memory)."""
-        self.packed = {}
+        self.packed = None
 
     @contextlib.contextmanager
     def applied(self, rows: int) -> Iterator[None]:
@@ -95,16 +95,17 @@ class PrepackedLinears:
         if th.is_grad_enabled() or th.is_autocast_enabled("cpu"):
             yield
             return
-        if not self.packed:
+        if self.packed is None:  # (an empty dict where nothing is packable: a GPU, bfloat16 weights)
             reorder = th.ops.mkldnn._reorder_linear_weight
             layers = packable_linears(self.model, mlp_min_numel(self.model))
             self.packed = {m: reorder(m.weight.detach(), rows) for m in layers}
-        for module, weight in self.packed.items():
+        patched = list(self.packed.items())
+        for module, weight in patched:
             module.forward = _PackedForward(weight, module.bias)
         try:
             yield
         finally:
-            for module in self.packed:
+            for module, _ in patched:
                 module.__dict__.pop("forward", None)
 
 
