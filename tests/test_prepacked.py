@@ -42,6 +42,9 @@ def test_nothing_packed_with_gradients_or_other_dtypes(tiny_llama_path):
     with linears.applied(rows=1):  # gradients on: training steps use the layers as they are
         assert not linears.packed
     assert not packable_linears(lm.to(th.bfloat16).base_model)
+    with th.no_grad(), linears.applied(rows=1):
+        pass
+    assert linears.packed == {}  # remembered: nothing to pack under these weights
 
 
 def test_rollout_runs_packed_and_frees_the_copies(tiny_llama_path):
