@@ -221,21 +221,27 @@ class RolloutKVCache:
         # the second forward under these weights on (a rollout, not a one-off predict()) runs on prepacked weights
         self._forwards += 1
         with self.linears.applied(batch) if prepacked_weights and self._forwards > 1 else contextlib.nullcontext():
-            self._run(input_ids, attention_mask, same, extended, prefix_sharing)
+            self._run(input_ids, attention_mask, new_last, same, extended, prefix_sharing)
         self._drop_dead_columns()
         return self.hidden
 
     def _run(
-        self, input_ids: th.Tensor, attention_mask: th.Tensor, same: th.Tensor, extended: th.Tensor, prefix_sharing: bool
+        self,
+        input_ids: th.Tensor,
+        attention_mask: th.Tensor,
+        new_last: th.Tensor,
+        same: th.Tensor,
+        extended: th.Tensor,
+        prefix_sharing: bool,
     ) -> None:
         """
         Run the call's new tokens (the rows' steps, new rows, a new shared prefix) and set ``self.hidden``.
 
+        :param new_last: ``(batch,)`` int64: each row's last attended column
         :param same: ``(batch,)`` bool: rows whose observation is the cached one
         :param extended: ``(batch,)`` bool: rows whose observation is the cached one plus one token
         """
         batch, device = input_ids.shape[0], input_ids.device
-        new_last = last_token_index(attention_mask)
         fresh = ~(same | extended)
         # the call's new tokens, one group per row (or prefix): (row or None, ids, positions, segments it sees)
         groups: list[tuple[int | None, th.Tensor, th.Tensor, th.Tensor]] = []

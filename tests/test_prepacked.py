@@ -55,22 +55,21 @@ def test_rollout_runs_packed_and_frees_the_copies(tiny_llama_path):
     episodes = collect_episodes(env, 2)
     calls = [stack([episodes[0][t], episodes[1][t]]) for t in (0, 1)]  # two steps of the same two episodes
 
-    def rollout(check: bool):
+    def rollout():
         for t, (obs, _) in enumerate(calls):
             with th.no_grad():
                 logits = policy.get_distribution(obs).distribution.logits
             assert bool(policy._kv_cache.linears.packed) == (t == 1)  # the first call runs as is, the second packed
-            if check:
-                th.testing.assert_close(logits, fresh_distribution(policy, obs)[0], atol=1e-5, rtol=0)
+            th.testing.assert_close(logits, fresh_distribution(policy, obs)[0], atol=1e-5, rtol=0)
 
-    rollout(check=True)
+    rollout()
     # an optimizer step changes the weights: the copies go (the gradients they take the place of go too)
     obs, actions = calls[1]
     policy.evaluate_actions(obs, actions)[1].mean().backward()
     policy.optimizer.step()
     assert not policy._kv_cache.linears.packed
     assert all(p.grad is None for p in policy.parameters())
-    rollout(check=True)  # packed again, from the new weights
+    rollout()  # packed again, from the new weights
     policy.set_training_mode(True)  # training starts: the copies go
     assert not policy._kv_cache.linears.packed
 
