@@ -12,10 +12,12 @@ import threading
 import time
 from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 import gymnasium as gym
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_textrl  # noqa: F401  (registers the env and the "LMPolicy" alias)
 from sb3_textrl import distributed
@@ -264,6 +266,46 @@ def _stop_on_sigint(checkpoint: AtomicCheckpointCallback | distributed.Distribut
     return lambda: signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
+def make_env(args: argparse.Namespace, prompts: list[str], seed: int) -> VecEnv:
+    """The main job's ``args.n_envs`` environments over ``prompts``, scored with one reward call per step."""
+    env_kwargs = dict(
+        model_name_or_path=args.model,
+        prompts=prompts,
+        reward_fn=args.reward,
+        reward_kwargs=args.reward_kwargs,
+        max_new_tokens=args.max_new_tokens,
+        render_mode=None,
+    )
+    return make_text_vec_env(n_envs=args.n_envs, seed=seed, env_kwargs=env_kwargs)
+
+
+def make_model(args: argparse.Namespace, env: VecEnv, **kwargs: Any) -> PPO:
+    """
+    ``PPO("LMPolicy", env)`` with the main job's hyperparameters from ``args``.
+
+    :param kwargs: more ``PPO`` keywords (``seed``, ``device``, ``verbose``), or ones that replace the main job's
+        (``rollout_buffer_class``, ``policy_kwargs``)
+    """
+    policy_kwargs = dict(activation_checkpointing=args.activation_checkpointing or False)
+    if getattr(args, "fsdp", False):  # one forward per minibatch on every rank (see sb3_textrl.fsdp)
+        policy_kwargs["prefix_sharing"] = False
+    settings = dict(
+        learning_rate=args.learning_rate,
+        n_steps=args.n_steps or args.max_new_tokens,
+        batch_size=args.batch_size,
+        n_epochs=args.n_epochs,
+        gamma=args.gamma,
+        gae_lambda=args.gae_lambda,
+        clip_range=args.clip_range,
+        vf_coef=args.vf_coef,
+        ent_coef=args.ent_coef,
+        max_grad_norm=args.max_grad_norm,
+        rollout_buffer_class=EpisodeRolloutBuffer,
+        policy_kwargs=policy_kwargs,
+    )
+    return PPO("LMPolicy", env, **{**settings, **kwargs})
+
+
 def train(args: argparse.Namespace) -> dict:
     """
     Run the main job; returns what it wrote to ``results.json``.
@@ -306,16 +348,7 @@ def train(args: argparse.Namespace) -> dict:
     history = RolloutHistoryCallback(kl_callback)
 
     os.makedirs(args.output_dir, exist_ok=True)
-    env_kwargs = dict(
-        model_name_or_path=args.model,
-        prompts=train_prompts,
-        reward_fn=args.reward,
-        reward_kwargs=args.reward_kwargs,
-        max_new_tokens=args.max_new_tokens,
-        render_mode=None,
-    )
-    # one reward call per step for all the episodes that end in it
-    env = make_text_vec_env(n_envs=args.n_envs, seed=seed, env_kwargs=env_kwargs)
+    env = make_env(args, train_prompts, seed)
     evaluate = dict(reward_fn=args.reward, reward_kwargs=args.reward_kwargs)
     evaluate.update(max_new_tokens=args.max_new_tokens, n_samples=args.eval_samples)
     if saved is not None:
@@ -333,28 +366,7 @@ def train(args: argparse.Namespace) -> dict:
         before = EvaluationResult(**saved["before"])
         print(f"Resuming {resume_from} at {model.num_timesteps} timesteps.", flush=True)
     else:
-        policy_kwargs = dict(activation_checkpointing=args.activation_checkpointing or False)
-        if fsdp:  # one forward per minibatch on every rank (see sb3_textrl.fsdp)
-            policy_kwargs["prefix_sharing"] = False
-        model = PPO(
-            "LMPolicy",
-            env,
-            learning_rate=args.learning_rate,
-            n_steps=args.n_steps or args.max_new_tokens,
-            batch_size=args.batch_size,
-            n_epochs=args.n_epochs,
-            gamma=args.gamma,
-            gae_lambda=args.gae_lambda,
-            clip_range=args.clip_range,
-            vf_coef=args.vf_coef,
-            ent_coef=args.ent_coef,
-            max_grad_norm=args.max_grad_norm,
-            rollout_buffer_class=EpisodeRolloutBuffer,
-            policy_kwargs=policy_kwargs,
-            seed=seed,
-            device=device,
-            verbose=args.verbose if main_process else 0,
-        )
+        model = make_model(args, env, seed=seed, device=device, verbose=args.verbose if main_process else 0)
         check_lm_setup(model)
     sharded = distributed.prepare_model(model, fsdp=fsdp)  # no-op in one process
     if saved is None and main_process:

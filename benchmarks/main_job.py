@@ -1,0 +1,134 @@
+"""End to end: seconds per PPO iteration of the main job (``sb3-textrl train``'s defaults: SmolLM2-135M-Instruct,
+16 envs x 24 new tokens, 2 epochs of minibatches of 192 steps, VADER reward, KL penalty callback), as the library runs
+it and as a naive environment + policy runs it, measured one after the other in one run.
+
+    python benchmarks/main_job.py                        # all three settings, 1 warm-up + 2 timed iterations each
+    python benchmarks/main_job.py --iterations 1 --only library naive
+
+The settings (each in its own process, so peak RSS is its own):
+
+- ``library``: the main job as ``sb3-textrl train`` builds it (``sb3_textrl.cli.make_model``).
+- ``flags-off``: the same, with the KV cache, prefix sharing, packing and prepacked weights off, and SB3's stock
+  ``DictRolloutBuffer`` (shuffled single steps) instead of the episode buffer. Training still runs one forward per
+  group of observations that one covers (:func:`sb3_textrl.policies.covering_rows`).
+- ``naive``: ``flags-off`` with one row per observation as well, as issue 6 describes the code before it: every
+  rollout step re-reads prompt + generated text, and every (prefix, action) sample of a minibatch is its own row of
+  the forward pass (192 rows, ~20 GB of activations at this batch size: needs ~24 GiB of RAM).
+
+An iteration is one rollout start to the next inside ``learn()`` (rollout with VADER scoring, the KL callback's
+reference pass, ``train()``, SB3's logging); the first ``--warmup`` iterations are dropped. The table gives the
+median iteration and how many such iterations fit in the main job's 15 minutes. This machine's speed drifts by 20 %
+and more over minutes, so compare settings within one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch as th
+from stable_baselines3.common.buffers import DictRolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+
+from sb3_textrl import cli, policies
+from sb3_textrl.callbacks import KLPenaltyCallback
+
+SETTINGS = ("library", "flags-off", "naive")
+BUDGET_SECONDS = 15 * 60  # the main job's training budget
+
+
+class IterationTimer(BaseCallback):
+    """Wall-clock seconds from each rollout start to the next (the last one ends with training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.starts: list[float] = []
+
+    def _on_rollout_start(self) -> None:
+        self.starts.append(time.perf_counter())
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_training_end(self) -> None:
+        self.starts.append(time.perf_counter())
+
+    @property
+    def seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:])]
+
+
+def one_row_per_observation(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    """Stands in for ``covering_rows``: every observation is its own row (no reuse of a longer one's forward)."""
+    rows = th.arange(len(input_ids))
+    return rows, rows
+
+
+def run_setting(setting: str, model_name: str, warmup: int, iterations: int) -> dict:
+    args = cli.build_parser().parse_args(["train", "--model", model_name])
+    prompts = cli.read_prompts(args.prompts, "--prompts")
+    env = cli.make_env(args, prompts, seed=args.seed)
+    overrides = {}
+    if setting != "library":
+        off = dict(use_kv_cache=False, prefix_sharing=False, packing=False, prepacked_weights=False)
+        overrides = dict(rollout_buffer_class=DictRolloutBuffer, policy_kwargs=off)
+    if setting == "naive":
+        policies.covering_rows = one_row_per_observation
+    model = cli.make_model(args, env, seed=args.seed, device="cpu", **overrides)
+    timer = IterationTimer()
+    kl_callback = KLPenaltyCallback(kl_coef=args.kl_coef, estimator=args.kl_estimator)
+    model.learn((warmup + iterations) * model.n_steps * model.n_envs, callback=CallbackList([kl_callback, timer]))
+    return {
+        "setting": setting,
+        "seconds": timer.seconds[warmup:],
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "tokens_per_iteration": model.n_steps * model.n_envs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="as sb3-textrl train --model")
+    parser.add_argument("--warmup", type=int, default=1, help="iterations dropped at the start of each setting")
+    parser.add_argument("--iterations", type=int, default=2, help="timed iterations per setting")
+    parser.add_argument("--only", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)  # one setting, in a child process
+    args = parser.parse_args()
+    if args.setting:
+        print(json.dumps(run_setting(args.setting, args.model, args.warmup, args.iterations)))
+        return
+
+    results = []
+    for setting in args.only:
+        command = [sys.executable, __file__, "--setting", setting, "--model", args.model]
+        command += ["--warmup", str(args.warmup), "--iterations", str(args.iterations)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:  # e.g. killed for memory (naive): say so and go on
+            print(f"{setting}: exit {done.returncode}\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"{setting}: {[round(s, 1) for s in results[-1]['seconds']]} s per iteration", flush=True)
+
+    if not results or results[0]["setting"] != "library":
+        return
+    library = statistics.median(results[0]["seconds"])
+    tokens, threads = results[0]["tokens_per_iteration"], th.get_num_threads()
+    print(f"\nmain job defaults ({args.model}), {tokens} generated tokens per iteration, {threads} threads")
+    header = ("setting", "s / iteration", "iterations in 15 min", "÷ library", "peak RSS GiB")
+    print(f"| {header[0]:<10} | {header[1]:>13} | {header[2]:>20} | {header[3]:>12} | {header[4]:>12} |")
+    print(f"|{'-' * 12}|{'-' * 15}|{'-' * 22}|{'-' * 14}|{'-' * 14}|")
+    for result in results:
+        seconds = statistics.median(result["seconds"])
+        print(
+            f"| {result['setting']:<10} | {seconds:>13.1f} | {BUDGET_SECONDS / seconds:>20.1f} | {seconds / library:>12.2f} "
+            f"| {result['peak_rss_gib']:>12.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
