@@ -1,19 +1,21 @@
 """End to end: seconds per PPO iteration of the main job (``sb3-textrl train``'s defaults: SmolLM2-135M-Instruct,
 16 envs x 24 new tokens, 2 epochs of minibatches of 192 steps, VADER reward, KL penalty callback), as the library runs
-it and as a naive environment + policy runs it, measured one after the other in one run.
+it and with its speed-ups off, measured one after the other in one run.
 
-    python benchmarks/main_job.py                        # all three settings, 1 warm-up + 2 timed iterations each
-    python benchmarks/main_job.py --iterations 1 --only library naive
+    python benchmarks/main_job.py                        # library and flags-off, 1 warm-up + 2 timed iterations each
+    python benchmarks/main_job.py --only library naive   # naive needs more than this machine's 24 GiB (see below)
 
 The settings (each in its own process, so peak RSS is its own):
 
 - ``library``: the main job as ``sb3-textrl train`` builds it (``sb3_textrl.cli.make_model``).
 - ``flags-off``: the same, with the KV cache, prefix sharing, packing and prepacked weights off, and SB3's stock
   ``DictRolloutBuffer`` (shuffled single steps) instead of the episode buffer. Training still runs one forward per
-  group of observations that one covers (:func:`sb3_textrl.policies.covering_rows`).
-- ``naive``: ``flags-off`` with one row per observation as well, as issue 6 describes the code before it: every
+  group of observations that one covers (:func:`sb3_textrl.policies.covering_rows`), and the other speed-ups stay
+  (fused Adam, the sampler, the LM head's layout, the log-prob backward): it is faster than a naive policy.
+- ``naive``: ``flags-off`` with one row per observation as well, as issue 6 describes a naive env + policy: every
   rollout step re-reads prompt + generated text, and every (prefix, action) sample of a minibatch is its own row of
-  the forward pass (192 rows, ~20 GB of activations at this batch size: needs ~24 GiB of RAM).
+  the forward pass. At the main job's minibatch of 192 samples that is ~12k tokens of activations (>20 GiB): on a
+  24 GiB machine it is killed for memory in its first ``train()``, and the table says so.
 
 An iteration is one rollout start to the next inside ``learn()`` (rollout with VADER scoring, the KL callback's
 reference pass, ``train()``, SB3's logging); the first ``--warmup`` iterations are dropped. The table gives the
@@ -96,19 +98,20 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="as sb3-textrl train --model")
     parser.add_argument("--warmup", type=int, default=1, help="iterations dropped at the start of each setting")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations per setting")
-    parser.add_argument("--only", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--only", nargs="+", choices=SETTINGS, default=["library", "flags-off"])
     parser.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)  # one setting, in a child process
     args = parser.parse_args()
     if args.setting:
         print(json.dumps(run_setting(args.setting, args.model, args.warmup, args.iterations)))
         return
 
-    results = []
+    results, failed = [], {}
     for setting in args.only:
         command = [sys.executable, __file__, "--setting", setting, "--model", args.model]
         command += ["--warmup", str(args.warmup), "--iterations", str(args.iterations)]
         done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:  # e.g. killed for memory (naive): say so and go on
+        if done.returncode != 0:  # -9: killed, for memory on this machine (naive)
+            failed[setting] = done.returncode
             print(f"{setting}: exit {done.returncode}\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -128,6 +131,8 @@ def main() -> None:
             f"| {result['setting']:<10} | {seconds:>13.1f} | {BUDGET_SECONDS / seconds:>20.1f} | {seconds / library:>12.2f} "
             f"| {result['peak_rss_gib']:>12.2f} |"
         )
+    for setting, code in failed.items():
+        print(f"| {setting:<10} | {'exit ' + str(code):>13} | {0:>20} | {'-':>12} | {'-':>12} |")
 
 
 if __name__ == "__main__":

@@ -135,8 +135,9 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         Adam and AdamW default to ``dict(eps=1e-5, fused=True)``);
         ``net_arch`` and ``activation_fn`` are ignored (there is no MLP)
     :raises ValueError: if no LM is named, the LM's logits width differs from ``action_space.n``, the environment
-        was built for an LM with another tokenizer, or ``activation_checkpointing`` is not a bool or a positive int or
-        not supported by the LM or the installed transformers
+        was built for an LM with another tokenizer, a switch (``use_reference_model``, ``use_kv_cache``,
+        ``prefix_sharing``, ``packing``, ``prepacked_weights``) is not a bool, or ``activation_checkpointing`` is not a
+        bool or a positive int or not supported by the LM or the installed transformers
     :raises FloatingPointError: if the LM produces NaN or infinite logits (they never reach the sampler)
     """
 
@@ -178,6 +179,11 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         if env_model is not None:
             check_same_lm(env_model, self.model_name_or_path)  # same width, other vocabulary: refuse too
         self.model_kwargs = dict(model_kwargs or {})
+        switches = dict(use_reference_model=use_reference_model, use_kv_cache=use_kv_cache)
+        switches.update(prefix_sharing=prefix_sharing, packing=packing, prepacked_weights=prepacked_weights)
+        for name, value in switches.items():
+            if not isinstance(value, bool):  # a string such as "false" would turn it on
+                raise ValueError(f"`{name}` must be True or False, got {value!r}.")
         self.use_reference_model = use_reference_model
         self.use_kv_cache = use_kv_cache
         self.prefix_sharing = prefix_sharing

@@ -127,6 +127,14 @@ def test_vocabulary_mismatch_env_policy(tiny_llama_path, tiny_llama_320_path):
     assert "320" in str(error.value) and "300" in str(error.value)
 
 
+@pytest.mark.parametrize("name", ["use_reference_model", "use_kv_cache", "prefix_sharing", "packing", "prepacked_weights"])
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_policy_switches_must_be_bools(tiny_llama_path, name, value):
+    env = make_env(tiny_llama_path)
+    with pytest.raises(ValueError, match=f"`{name}` must be True or False, got {value!r}"):
+        PPO("LMPolicy", env, policy_kwargs={name: value})
+
+
 def test_tokenizer_larger_than_logits(tmp_path):
     from sb3_textrl.testing import build_tiny_lm
 
