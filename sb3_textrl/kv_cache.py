@@ -144,7 +144,7 @@ class RolloutKVCache:
 
     def __init__(self, lm: PreTrainedModel):
         self.lm = lm
-        self.linears = PrepackedLinears(lm.base_model)
+        self.linears = PrepackedLinears(lm.base_model, head=lm.get_output_embeddings())
         self.reset()
 
     def _weights_fingerprint(self) -> tuple[int, int]:
@@ -192,7 +192,8 @@ class RolloutKVCache:
         :param attention_mask: ``(batch, max_length)`` int64
         :param prefix_sharing: new rows run only what follows the opening tokens all observations share
         :param prepacked_weights: from the second forward under the same weights on, run the MLP layers on prepacked
-            copies of their weights (:mod:`sb3_textrl.prepacked`; CPU, float32)
+            copies of their weights, and pack the LM head's for ``self.linears.logits`` (:mod:`sb3_textrl.prepacked`;
+            CPU, float32)
         :return: ``(batch, hidden_size)``
         :raises ValueError: if a row attends to no token
         """

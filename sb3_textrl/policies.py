@@ -115,10 +115,10 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         to float rounding
     :param packing: run the rows of a training or reference pass packed side by side in a few rows of ~256 tokens,
         without padding (:mod:`sb3_textrl.packing`); results are the same up to float rounding
-    :param prepacked_weights: on a CPU in float32, run the rollouts' MLP layers on oneDNN-prepacked copies of their
-        weights, made again after each update and dropped when training starts (:mod:`sb3_textrl.prepacked`): rollouts
-        ~15 % faster here, results the same up to float rounding; under glibc's allocator the peak RSS can end ~1 %
-        higher (the freed copies fragment its heap)
+    :param prepacked_weights: on a CPU in float32, run the rollouts' MLP layers and LM head on oneDNN-prepacked
+        copies of their weights, made again after each update and dropped when training starts
+        (:mod:`sb3_textrl.prepacked`): rollouts ~15-25 % faster here, results the same up to float rounding; under
+        glibc's allocator the peak RSS can end ~1 % higher (the freed copies fragment its heap)
     :param activation_checkpointing: keep only each decoder layer's input in training passes and recompute the layer
         in the backward pass (:mod:`sb3_textrl.checkpointing`): ``True`` checkpoints every layer, an int ``n`` every
         ``n``-th. Activation memory of a minibatch falls ~20x (every layer), for ~10-20 % more update time (SmolLM2
@@ -340,6 +340,11 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
 
     # --- forward passes -----------------------------------------------------------------------------------------------
 
+    def _rollout_call(self) -> bool:
+        # the KV cache serves rollouts and predict() (eval mode, no gradients); never training steps such as TRPO's
+        # line search
+        return self.use_kv_cache and not self.training and not th.is_grad_enabled()
+
     def _last_hidden(self, obs: PyTorchObs, lm: PreTrainedModel, cached: bool = False) -> th.Tensor:
         """
         The LM's last hidden state at the last attended token of each observation.
@@ -348,8 +353,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         :return: ``(batch, hidden_size)`` in the LM's dtype
         """
         input_ids, attention_mask = split_observation(obs)
-        # the cache serves rollouts and predict() (eval mode, no gradients); never training steps such as TRPO's line search
-        if cached and self.use_kv_cache and not self.training and not th.is_grad_enabled():
+        if cached and self._rollout_call():
             with self._autocast():
                 return self._kv_cache.last_hidden(input_ids, attention_mask, self.prefix_sharing, self.prepacked_weights)
         rows, cover = covering_rows(input_ids, attention_mask)
@@ -371,14 +375,18 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)[0]
         return hidden[cover, last_token_index(attention_mask) - first]
 
-    def _logits(self, hidden: th.Tensor, lm: PreTrainedModel, obs: PyTorchObs) -> th.Tensor:
+    def _logits(self, hidden: th.Tensor, lm: PreTrainedModel, obs: PyTorchObs, cached: bool = False) -> th.Tensor:
         """
         Next-token logits, ``(batch, vocab_size)`` float32, computed in float32.
 
+        :param cached: ``hidden`` came from the rollout KV cache (the policy's own LM): the LM head may run on the
+            cache's prepacked copy of its weight
         :raises FloatingPointError: if any logit is NaN or infinite
         """
-        head = lm.get_output_embeddings()
-        logits = lm_head_logits(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+        logits = self._kv_cache.linears.logits(hidden) if cached and self.prepacked_weights and self._rollout_call() else None
+        if logits is None:
+            head = lm.get_output_embeddings()
+            logits = lm_head_logits(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
         softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
         if softcap:
             logits = th.tanh(logits / softcap) * softcap
@@ -395,7 +403,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
 
     def _distribution_and_values(self, obs: PyTorchObs) -> tuple[CategoricalDistribution, th.Tensor]:
         hidden = self._last_hidden(obs, self.lm, cached=True)
-        distribution = self.action_dist.proba_distribution(action_logits=self._logits(hidden, self.lm, obs))
+        distribution = self.action_dist.proba_distribution(action_logits=self._logits(hidden, self.lm, obs, cached=True))
         values = self.value_head(hidden.float())
         return distribution, values
 

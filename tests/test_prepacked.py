@@ -28,6 +28,24 @@ def test_packed_forward_equals_linear(tiny_llama_path, monkeypatch):
     th.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_packed_head_logits_equal_the_head(tiny_llama_path):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_llama_path).eval()
+    head = lm.get_output_embeddings()
+    linears = PrepackedLinears(lm.base_model, head=head)
+    hidden = th.randn(5, lm.config.hidden_size)
+    assert linears.logits(hidden) is None  # nothing packed yet
+    with th.no_grad():
+        with linears.applied(rows=5):
+            pass
+        assert head in linears.packed and len(linears.packed) == 3 * lm.config.num_hidden_layers + 1
+        th.testing.assert_close(linears.logits(hidden), head(hidden), atol=1e-5, rtol=1e-5)
+        assert linears.logits(hidden.double()) is None  # another dtype: the caller runs the head as it is
+    assert linears.logits(hidden) is None  # gradients on: never the copy
+    linears.clear()
+    with th.no_grad():
+        assert linears.logits(hidden) is None
+
+
 def test_layers_restored_after_an_error(tiny_llama_path):
     lm = AutoModelForCausalLM.from_pretrained(tiny_llama_path).eval()
     linears = PrepackedLinears(lm.base_model)
@@ -54,12 +72,22 @@ def test_rollout_runs_packed_and_frees_the_copies(tiny_llama_path):
     policy.set_training_mode(False)
     episodes = collect_episodes(env, 2)
     calls = [stack([episodes[0][t], episodes[1][t]]) for t in (0, 1)]  # two steps of the same two episodes
+    head_logits, packed_heads = policy._kv_cache.linears.logits, []  # whether each call's logits came packed
+
+    def counted(hidden):
+        logits = head_logits(hidden)
+        packed_heads.append(logits is not None)
+        return logits
+
+    policy._kv_cache.linears.logits = counted
 
     def rollout():
         for t, (obs, _) in enumerate(calls):
             with th.no_grad():
                 logits = policy.get_distribution(obs).distribution.logits
-            assert bool(policy._kv_cache.linears.packed) == (t == 1)  # the first call runs as is, the second packed
+            linears = policy._kv_cache.linears
+            assert bool(linears.packed) == (t == 1)  # the first call runs as is, the second packed
+            assert (linears.head in (linears.packed or {})) == (t == 1) == packed_heads[-1]  # the LM head too
             th.testing.assert_close(logits, fresh_distribution(policy, obs)[0], atol=1e-5, rtol=0)
 
     rollout()
