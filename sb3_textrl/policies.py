@@ -358,7 +358,9 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
                 return self._kv_cache.last_hidden(input_ids, attention_mask, self.prefix_sharing, self.prepacked_weights)
         rows, cover = covering_rows(input_ids, attention_mask)
         ids, mask = input_ids[rows], attention_mask[rows]
-        p = shared_prefix_length(ids, mask) if self.prefix_sharing else 0
+        # shared by all observations, not only the covering rows: every observation read keeps its last token out of
+        # the prefix (episodes on one prompt share it whole, and their first observation ends with it)
+        p = shared_prefix_length(input_ids, attention_mask) if self.prefix_sharing else 0
         if self.packing and len(rows) > 1 and packable(lm, mask):  # no padding; the shared opening runs once
             with self._autocast():
                 return forward_packed(lm, ids, mask, cover, last_token_index(attention_mask), p)

@@ -62,11 +62,12 @@ def _policies(env):
     return shared, plain
 
 
-def _steps(env, n_episodes):
+def _steps(env, n_episodes, n_prompts=None):
+    n_prompts = n_prompts or len(PROMPTS)
     rng = np.random.default_rng(0)
     steps = []
     for e in range(n_episodes):
-        obs, _ = env.reset(seed=e, options={"prompt_index": e % len(PROMPTS)})
+        obs, _ = env.reset(seed=e, options={"prompt_index": e % n_prompts})
         done = False
         while not done:
             action = int(rng.integers(3, env.action_space.n))
@@ -102,6 +103,26 @@ def test_training_path_equals_full_forwards(tiny_lm_path, system_prompt):
     shared, plain = _policies(env)
     obs, actions = _steps(env, 5)
     input_ids, attention_mask = obs["input_ids"], obs["attention_mask"]
+    assert shared_prefix_length(input_ids, attention_mask) >= 8  # the path under test is taken
+    results = []
+    for policy in (shared, plain):
+        results.append(_training_results(policy, obs, actions))
+    _assert_same_results(*results)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_episodes_on_one_prompt(tiny_lm_path, packed):
+    """Episodes on the same prompt share it whole: their first observations (the prompt) are read right too."""
+    env = _env(tiny_lm_path, SYSTEM_PROMPT)
+    shared, plain = _policies(env)
+    shared.packing = plain.packing = packed
+    obs, actions = _steps(env, 3, n_prompts=1)
+    input_ids, attention_mask = obs["input_ids"], obs["attention_mask"]
+    first = attention_mask.sum(dim=1) == attention_mask.sum(dim=1).min()  # the episodes' first observations
+    # the later observations share the whole prompt: a prefix that long would hold the first ones' last token
+    later = shared_prefix_length(input_ids[~first], attention_mask[~first])
+    assert int(first.sum()) == 3 and later >= int(attention_mask[first][0].sum())
+    _assert_same_results(*(_training_results(policy, obs, actions) for policy in (shared, plain)))
     assert shared_prefix_length(input_ids, attention_mask) >= 8  # the path under test is taken
     results = []
     for policy in (shared, plain):
