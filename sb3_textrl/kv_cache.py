@@ -100,7 +100,7 @@ def packed_attention_mask(
 
     :param key_segment: ``(n_keys,)`` int64, segment of each key column
     :param key_position: ``(n_keys,)`` int64, position id of each key column
-    :param query_segments: ``(n_queries, 2)`` int64, the two segments a query sees (its row's own, its prefix's)
+    :param query_segments: ``(n_queries, k)`` int64, the segments a query sees (its row's own, its prefix's, ...)
     :param query_position: ``(n_queries,)`` int64
     :param attention: the attention implementation that reads the mask
     :param dtype: the dtype of an additive mask (``"eager"`` attention)

@@ -111,8 +111,9 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
     :param use_reference_model: keep a frozen copy of the initial LM for the KL penalty
     :param use_kv_cache: carry a KV cache across calls made without gradients (rollouts); results are the same
     :param prefix_sharing: run the opening tokens that observations share (a chat template's system prompt) once per
-        batch, in rollouts, updates and reference passes (:mod:`sb3_textrl.prefix_sharing`); results are the same up
-        to float rounding
+        batch, in rollouts, updates and reference passes (:mod:`sb3_textrl.prefix_sharing`), and in packed updates and
+        reference passes the opening of episodes on the same prompt once per group
+        (:func:`~sb3_textrl.packing.group_openings`); results are the same up to float rounding
     :param packing: run the rows of a training or reference pass packed side by side in a few rows of ~256 tokens,
         without padding (:mod:`sb3_textrl.packing`); results are the same up to float rounding
     :param prepacked_weights: on a CPU in float32, run the rollouts' MLP layers and LM head on oneDNN-prepacked
@@ -363,7 +364,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         p = shared_prefix_length(input_ids, attention_mask) if self.prefix_sharing else 0
         if self.packing and len(rows) > 1 and packable(lm, mask):  # no padding; the shared opening runs once
             with self._autocast():
-                return forward_packed(lm, ids, mask, cover, last_token_index(attention_mask), p)
+                read_columns = last_token_index(attention_mask)
+                return forward_packed(lm, ids, mask, cover, read_columns, p, share_openings=self.prefix_sharing)
         if p:  # the rows' common opening (a chat template's system prompt) runs once
             prefix, suffix_ids, suffix_mask, offset = split_prefix(ids, mask, p)
             with self._autocast():

@@ -130,6 +130,43 @@ def test_episodes_on_one_prompt(tiny_lm_path, packed):
     _assert_same_results(*results)
 
 
+@pytest.mark.parametrize("max_tokens", [256, 8], ids=["one_packed_row", "many_packed_rows"])
+@pytest.mark.parametrize("system_prompt", [SYSTEM_PROMPT, None], ids=["system_prompt", "plain"])
+def test_episodes_grouped_by_prompt(tiny_lm_path, system_prompt, max_tokens, monkeypatch):
+    """Episodes on the same prompt run its tokens once per pass (a group's opening); results equal full forwards."""
+    monkeypatch.setattr(packing, "MAX_PACKED_TOKENS", max_tokens)
+    groups = []
+    group_openings = packing.group_openings
+    monkeypatch.setattr(packing, "group_openings", lambda *a: groups.append(group_openings(*a)) or groups[-1])
+    env = _env(tiny_lm_path, system_prompt)
+    shared, plain = _policies(env)
+    obs, actions = _steps(env, 6, n_prompts=2)  # three episodes on each of two prompts
+    _assert_same_results(*(_training_results(policy, obs, actions) for policy in (shared, plain)))
+    # the training and reference passes of the policy with prefix sharing grouped the three episodes on the long prompt
+    # (the other, "hi", opens with too few tokens of its own)
+    assert [[len(rows) for rows, _ in found] for found in groups[:2]] == [[3], [3]]
+    assert all(n >= packing.MIN_GROUP_OPENING for found in groups[:2] for _, n in found)
+
+
+def test_group_openings_by_hand():
+    ids = th.tensor(
+        [
+            [1, 2, 3, 4, 9, 0],
+            [5, 6, 7, 8, 9, 9],
+            [1, 2, 3, 4, 8, 0],
+            [1, 2, 3, 7, 7, 7],
+            [5, 6, 7, 8, 8, 0],
+        ]
+    )
+    lengths, limits = th.tensor([5, 6, 5, 6, 5]), th.tensor([6, 6, 6, 6, 6])
+    # sorted: rows 0 2 3 | 1 4; rows 0 and 2 share 4 tokens, row 3 only 3 of them
+    assert packing.group_openings(ids, lengths, limits, min_length=4) == [([2, 0], 4), ([4, 1], 4)]
+    assert packing.group_openings(ids, lengths, limits, min_length=3) == [([2, 0, 3], 3), ([4, 1], 4)]
+    # a row read at its 3rd token (a shorter observation it covers) shares at most 2 tokens: rows 0 and 3 group instead
+    assert packing.group_openings(ids, lengths, th.tensor([6, 6, 2, 6, 6]), min_length=3) == [([0, 3], 3), ([4, 1], 4)]
+    assert packing.group_openings(ids[:1], lengths[:1], limits[:1], min_length=1) == []
+
+
 @pytest.mark.parametrize("max_packed_prefill", [256, 0])  # 0: new rows run as a padded batch after the prefix
 def test_rollout_path_equals_full_forwards(tiny_lm_path, max_packed_prefill, monkeypatch):
     """Rows that reset mid-rollout run only what follows the shared prefix; results equal full forwards."""
@@ -177,7 +214,9 @@ def test_packed_passes_equal_padded_ones(tiny_lm_path, system_prompt, max_tokens
 
     monkeypatch.setattr(packing, "MAX_PACKED_TOKENS", max_tokens)
     calls = []
-    monkeypatch.setattr(sb3_textrl.policies, "forward_packed", lambda *a: calls.append(a) or packing.forward_packed(*a))
+    monkeypatch.setattr(
+        sb3_textrl.policies, "forward_packed", lambda *a, **k: calls.append(a) or packing.forward_packed(*a, **k)
+    )
     env = _env(tiny_lm_path, system_prompt)
     results = []
     for packed in (True, False):
