@@ -5,10 +5,11 @@ A rollout step multiplies a few rows (one new token per env) by every weight mat
 fast the matrix library streams the weights. MKL's ``linear`` kernel streams them at ~5 GB/s on this project's CPU
 (an AVX2 EPYC), far below the memory's ~22 GB/s; oneDNN's, on a copy of the weights reordered into its blocked layout
 (the ops PyTorch's Inductor uses when it freezes a CPU model), runs the MLP matrices of SmolLM2-135M ~1.4-1.9x faster
-for 8 rows. The copy costs a reorder (~0.15 s for SmolLM2's 0.30 GB of MLP weights) after each change of the weights,
-and that much memory while a rollout runs: the policy frees its gradients after each optimizer step, and its
-:class:`~sb3_textrl.kv_cache.RolloutKVCache` drops the copy when training starts, so the copy takes the gradients'
-place. Results equal ``linear``'s up to float32 rounding (a different order of summation).
+for 8 rows, and its LM head ~2x. The copy costs a reorder (~0.2 s for SmolLM2's 0.30 GB of MLP and 0.11 GB of head
+weights) after each change of the weights, and that much memory while a rollout runs: the policy frees its gradients
+after each optimizer step, and its :class:`~sb3_textrl.kv_cache.RolloutKVCache` drops the copy when training starts,
+so the copy takes the gradients' place. Results equal ``linear``'s up to float32 rounding (a different order of
+summation).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def mlp_min_numel(model: nn.Module) -> int:
 class PrepackedLinears:
     """
     oneDNN-prepacked copies of the weights of a model's MLP layers (:func:`mlp_min_numel`), used in place of the
-    layers while :meth:`applied` is entered without gradients.
+    layers while :meth:`applied` is entered without gradients, and of its LM head's (:meth:`logits`).
 
     Nothing checks that the weights still match the copies: call :meth:`clear` whenever they change (the rollout KV
     cache does, whenever it drops its keys and values).
