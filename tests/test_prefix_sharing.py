@@ -122,12 +122,8 @@ def test_episodes_on_one_prompt(tiny_lm_path, packed):
     # the later observations share the whole prompt: a prefix that long would hold the first ones' last token
     later = shared_prefix_length(input_ids[~first], attention_mask[~first])
     assert int(first.sum()) == 3 and later >= int(attention_mask[first][0].sum())
+    assert shared_prefix_length(input_ids, attention_mask) >= 8  # a shared prefix is used: the path under test
     _assert_same_results(*(_training_results(policy, obs, actions) for policy in (shared, plain)))
-    assert shared_prefix_length(input_ids, attention_mask) >= 8  # the path under test is taken
-    results = []
-    for policy in (shared, plain):
-        results.append(_training_results(policy, obs, actions))
-    _assert_same_results(*results)
 
 
 @pytest.mark.parametrize("max_tokens", [256, 8], ids=["one_packed_row", "many_packed_rows"])
