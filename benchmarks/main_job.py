@@ -31,38 +31,17 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 import torch as th
+from _common import IterationTimer
 from stable_baselines3.common.buffers import DictRolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.callbacks import CallbackList
 
 from sb3_textrl import cli, policies
 from sb3_textrl.callbacks import KLPenaltyCallback
 
 SETTINGS = ("library", "flags-off", "naive")
 BUDGET_SECONDS = 15 * 60  # the main job's training budget
-
-
-class IterationTimer(BaseCallback):
-    """Wall-clock seconds from each rollout start to the next (the last one ends with training)."""
-
-    def __init__(self):
-        super().__init__()
-        self.starts: list[float] = []
-
-    def _on_rollout_start(self) -> None:
-        self.starts.append(time.perf_counter())
-
-    def _on_step(self) -> bool:
-        return True
-
-    def _on_training_end(self) -> None:
-        self.starts.append(time.perf_counter())
-
-    @property
-    def seconds(self) -> list[float]:
-        return [b - a for a, b in zip(self.starts, self.starts[1:])]
 
 
 def one_row_per_observation(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor]:

@@ -92,28 +92,14 @@ def run_ours(workdir: str, model: str, warmup: int, iterations: int, threads: in
     """Project venv: the main job's PPO setup, timed per ``learn()`` iteration (rollout + KL callback + train)."""
     import gymnasium as gym
     import torch as th
+    from _common import IterationTimer
     from stable_baselines3 import PPO
-    from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+    from stable_baselines3.common.callbacks import CallbackList
 
     import sb3_textrl  # noqa: F401  (registers the env and "LMPolicy")
     from sb3_textrl.buffers import EpisodeRolloutBuffer
     from sb3_textrl.callbacks import KLPenaltyCallback
     from sb3_textrl.vec_env import make_text_vec_env
-
-    class IterationTimer(BaseCallback):
-        """Time stamps at each rollout start: iteration i lasts from start i to start i + 1 (or the end of learn)."""
-
-        def __init__(self):
-            super().__init__()
-            self.starts: list[float] = []
-
-        def _on_rollout_start(self) -> None:
-            self.starts.append(time.perf_counter())
-            if len(self.starts) > 1:
-                print(f"[ours] iteration {len(self.starts) - 1}: {self.starts[-1] - self.starts[-2]:.1f} s", file=sys.stderr)
-
-        def _on_step(self) -> bool:
-            return True
 
     gym.logger.min_level = 40
     if threads:
@@ -143,13 +129,11 @@ def run_ours(workdir: str, model: str, warmup: int, iterations: int, threads: in
         policy_kwargs=dict(autocast_dtype="bfloat16") if bf16 else None,
     )
     load_seconds = time.perf_counter() - started
-    timer = IterationTimer()
+    timer = IterationTimer(label="[ours]")
     kl_callback = KLPenaltyCallback(kl_coef=HYPER["kl_coef"], estimator="k1")
     n_iterations = warmup + iterations
     ppo.learn(n_iterations * ppo.n_steps * ppo.n_envs, callback=CallbackList([kl_callback, timer]))
-    ends = [*timer.starts[1:], time.perf_counter()]
-    seconds = [end - start for start, end in zip(timer.starts, ends)]
-    report("ours", seconds, warmup, load_seconds=load_seconds, threads=th.get_num_threads(), ref_kl=kl_callback.last_kl)
+    report("ours", timer.seconds, warmup, load_seconds=load_seconds, threads=th.get_num_threads(), ref_kl=kl_callback.last_kl)
 
 
 def run_trl(workdir: str, warmup: int, iterations: int, threads: int, bf16: bool = False) -> None:
