@@ -140,14 +140,14 @@ def forward_packed(
     # that share a packed row: a group's opening with its rows, or a row of no group
     max_tokens = MAX_PACKED_TOKENS if max_tokens is None else max_tokens
     units: list[list[tuple[int, int, int, int, int]]] = []
-    segment, used = n_rows, 0  # the openings' segments follow the rows'
+    opening_segment, used = n_rows - 1, 0  # the openings' segments follow the rows'
     for rows, n in groups:
         for row in rows:  # a group wider than a packed row splits, each part with a copy of the opening
             size = int(lengths[row]) - n
             if row == rows[0] or used + size > max_tokens:
-                units.append([(segment, row, 0, n, _PREFIX_SEGMENT)])
-                segment, used = segment + 1, n
-            units[-1].append((row, row, n, int(lengths[row]), segment - 1))
+                opening_segment, used = opening_segment + 1, n
+                units.append([(opening_segment, row, 0, n, _PREFIX_SEGMENT)])
+            units[-1].append((row, row, n, int(lengths[row]), opening_segment))
             used += size
     grouped = {row for rows, _ in groups for row in rows}
     units += [[(row, row, 0, int(lengths[row]), _PREFIX_SEGMENT)] for row in range(n_rows) if row not in grouped]
