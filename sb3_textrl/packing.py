@@ -29,15 +29,7 @@ _PREFIX_SEGMENT = -1
 MIN_GROUP_OPENING = 8
 
 
-def pack(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """
-    Rows into bins of at most ``max(max_tokens, longest row)`` tokens, first-fit by decreasing length.
-
-    :param lengths: each row's number of tokens
-    :param max_tokens: tokens per bin
-    :return: the bins, each a list of row indices (none for no rows)
-    """
-    capacity = max([max_tokens, *lengths])
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     bins: list[list[int]] = []
     room: list[int] = []
     for row in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -49,6 +41,31 @@ def pack(lengths: list[int], max_tokens: int) -> list[list[int]]:
         bins[target].append(row)
         room[target] -= lengths[row]
     return bins
+
+
+def pack(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """
+    Rows into as few bins of at most ``max(max_tokens, longest row)`` tokens as first-fit by decreasing length finds,
+    filled evenly: the packed rows are as wide as the fullest bin, and every other bin is padded to its width (300
+    tokens in bins of 256 and 44 would run 512).
+
+    :param lengths: each row's number of tokens
+    :param max_tokens: tokens per bin
+    :return: the bins, each a list of row indices (none for no rows)
+    """
+    if not lengths:
+        return []
+    longest, total = max(lengths), sum(lengths)
+    limit = max(max_tokens, longest)
+    n_bins = -(-total // limit)
+    while True:  # the smallest capacity that fits the rows in n_bins bins, else one bin more
+        capacity = max(longest, -(-total // n_bins))
+        while capacity <= limit:
+            bins = _first_fit(lengths, capacity)
+            if len(bins) <= n_bins:
+                return bins
+            capacity += max(1, capacity // 16)
+        n_bins += 1
 
 
 def packable(lm: PreTrainedModel, attention_mask: th.Tensor) -> bool:
@@ -63,6 +80,12 @@ def packable(lm: PreTrainedModel, attention_mask: th.Tensor) -> bool:
     if window is not None and window < attention_mask.shape[1]:
         return False
     return bool(attended_spans(attention_mask)[2].all())
+
+
+def prefix_leads(p: int, max_tokens: int) -> bool:
+    """Whether a shared prefix of ``p`` tokens opens every packed row of ``max_tokens`` (else it runs once, apart): a
+    copy per packed row costs less than a forward of its own while it fills at most a quarter of the row."""
+    return 0 < p <= max_tokens // 4
 
 
 def group_openings(
@@ -122,8 +145,8 @@ def forward_packed(
     :param read_rows: ``(n,)`` int64, the rows to read
     :param read_columns: ``(n,)`` int64, the columns to read (attended, past the shared prefix); a group's opening
         stops before the first column read in each of its rows
-    :param p: the number of opening tokens all rows share (:func:`~sb3_textrl.prefix_sharing.shared_prefix_length`),
-        run once; 0: none
+    :param p: the number of opening tokens all rows share (:func:`~sb3_textrl.prefix_sharing.shared_prefix_length`):
+        they open every packed row, or, if longer than :func:`prefix_leads` allows, run once apart; 0: none
     :param max_tokens: tokens per packed row (default :data:`MAX_PACKED_TOKENS`)
     :param share_openings: run the common opening of rows that open alike once (else every row runs all its tokens)
     :return: ``(n, hidden_size)`` in the LM's dtype
@@ -152,8 +175,12 @@ def forward_packed(
     grouped = {row for rows, _ in groups for row in rows}
     units += [[(row, row, 0, int(lengths[row]), _PREFIX_SEGMENT)] for row in range(n_rows) if row not in grouped]
     sizes = [sum(stop - first for _, _, first, stop, _ in unit) for unit in units]
-    bins = pack(sizes, max_tokens)
-    width = max(sum(sizes[u] for u in unit_indices) for unit_indices in bins)
+    # a short shared prefix opens every packed row: one forward, and one gradient per weight. Run apart (its own forward
+    # and a cache the rows read), each weight gets a second, tiny gradient to add up: on the main job's minibatches
+    # (2 packed rows), training forward + backward took 12 % longer that way
+    lead = p if prefix_leads(p, max_tokens) else 0
+    bins = pack(sizes, max_tokens - lead)
+    width = lead + max(sum(sizes[u] for u in unit_indices) for unit_indices in bins)
     ids = th.zeros(len(bins), width, dtype=th.long, device=device)
     positions = th.zeros_like(ids)
     segments = th.full_like(ids, _PAD_SEGMENT)
@@ -161,7 +188,9 @@ def forward_packed(
     # where each row's suffix token lands: (bin, column)
     where_bin, where_column = th.zeros_like(suffix_ids), th.zeros_like(suffix_ids)
     for b, unit_indices in enumerate(bins):
-        start = 0
+        ids[b, :lead], positions[b, :lead] = prefix[:lead], th.arange(lead, device=device)
+        segments[b, :lead], seen[b, :lead] = _PREFIX_SEGMENT, _PREFIX_SEGMENT
+        start = lead
         for segment, row, first, stop, other in (piece for u in unit_indices for piece in units[u]):
             n = stop - first
             ids[b, start : start + n] = suffix_ids[row, first:stop]
@@ -171,7 +200,7 @@ def forward_packed(
                 where_bin[row, first:stop], where_column[row, first:stop] = b, start + th.arange(n, device=device)
             start += n
     past, key_segment, key_position, tokens = None, segments, positions, dict(input_ids=ids)
-    if p:
+    if p and not lead:  # a long prefix runs once, apart
         # one embedding lookup for prefix and rows: the dense gradient of a vocabulary-sized table is made once per
         # lookup (113 MB for SmolLM2), so two lookups would make it twice
         embeds = lm.get_input_embeddings()(th.cat([prefix, ids.flatten()]))
@@ -180,7 +209,7 @@ def forward_packed(
     # eager attention (e.g. for TRPO's double backward) stays eager, with an additive mask
     eager = lm.config._attn_implementation == "eager"
     with contextlib.nullcontext("eager") if eager else packed_attention(lm) as attention:
-        if p:
+        if p and not lead:
             past = make_cache(layers, read_only=True, batch=len(bins))
             prefix_positions = th.arange(p, device=device)[None].expand(len(bins), -1)
             key_segment = th.cat([th.full_like(prefix_positions, _PREFIX_SEGMENT), segments], dim=1)

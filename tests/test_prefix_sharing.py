@@ -8,7 +8,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_textrl import packing
 from sb3_textrl.policies import LMPolicy
-from sb3_textrl.prefix_sharing import shared_prefix_length, split_prefix
+from sb3_textrl.prefix_sharing import prefix_cache, shared_prefix_length, split_prefix
 
 SYSTEM_PROMPT = "You are a helpful assistant who writes short sentences."
 # prompts with a long common opening, so that the LMs without a chat template (GPT-2) share a prefix too
@@ -126,11 +126,13 @@ def test_episodes_on_one_prompt(tiny_lm_path, packed):
     _assert_same_results(*(_training_results(policy, obs, actions) for policy in (shared, plain)))
 
 
+@pytest.mark.parametrize("prefix", ["leads_rows", "apart"])
 @pytest.mark.parametrize("max_tokens", [256, 8], ids=["one_packed_row", "many_packed_rows"])
 @pytest.mark.parametrize("system_prompt", [SYSTEM_PROMPT, None], ids=["system_prompt", "plain"])
-def test_episodes_grouped_by_prompt(tiny_lm_path, system_prompt, max_tokens, monkeypatch):
+def test_episodes_grouped_by_prompt(tiny_lm_path, system_prompt, max_tokens, prefix, monkeypatch):
     """Episodes on the same prompt run its tokens once per pass (a group's opening); results equal full forwards."""
     monkeypatch.setattr(packing, "MAX_PACKED_TOKENS", max_tokens)
+    monkeypatch.setattr(packing, "prefix_leads", lambda p, _: p > 0 and prefix == "leads_rows")
     groups = []
     group_openings = packing.group_openings
     monkeypatch.setattr(packing, "group_openings", lambda *a: groups.append(group_openings(*a)) or groups[-1])
@@ -194,25 +196,32 @@ def test_rollout_path_equals_full_forwards(tiny_lm_path, max_packed_prefill, mon
 
 
 def test_pack_by_hand():
-    # first fit by decreasing length into bins of 6 tokens: 5 | 4 + 2 | 3
-    assert packing.pack([5, 3, 4, 2], max_tokens=6) == [[0], [2, 3], [1]]
+    # 14 tokens need 3 bins of 6; first fit by decreasing length into 3 bins of 5 tokens: 5 | 4 | 3 + 2 (bins of 6
+    # would be 5 | 4 + 2 | 3, each padded to 6)
+    assert packing.pack([5, 3, 4, 2], max_tokens=6) == [[0], [2], [1, 3]]
+    # 22 tokens: 2 bins of 11 cannot hold 6, 6, 6, 4 (6 | 6 | 6 + 4), 2 bins of 12 can
+    assert packing.pack([6, 6, 6, 4], max_tokens=12) == [[0, 1], [2, 3]]
     assert packing.pack([9, 2, 5], max_tokens=6) == [[0], [2, 1]]  # a longer row widens every bin: 5 + 2 fit in 9
     assert packing.pack([1, 1, 1], max_tokens=2) == [[0, 1], [2]]
     assert packing.pack([], max_tokens=6) == []
 
 
+@pytest.mark.parametrize("prefix", ["leads_rows", "apart"])
 @pytest.mark.parametrize("max_tokens", [256, 8], ids=["one_packed_row", "many_packed_rows"])
 @pytest.mark.parametrize("system_prompt", [SYSTEM_PROMPT, None], ids=["system_prompt", "plain"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_passes_equal_padded_ones(tiny_lm_path, system_prompt, max_tokens, attention, monkeypatch):
-    """evaluate_actions, reference log-probs and the gradients are the same packed as padded."""
+def test_packed_passes_equal_padded_ones(tiny_lm_path, system_prompt, max_tokens, attention, prefix, monkeypatch):
+    """evaluate_actions, reference log-probs and the gradients are the same packed as padded, with the shared prefix
+    at the head of every packed row or run apart."""
     import sb3_textrl.policies
 
     monkeypatch.setattr(packing, "MAX_PACKED_TOKENS", max_tokens)
-    calls = []
+    monkeypatch.setattr(packing, "prefix_leads", lambda p, _: p > 0 and prefix == "leads_rows")
+    calls, apart = [], []
     monkeypatch.setattr(
         sb3_textrl.policies, "forward_packed", lambda *a, **k: calls.append(a) or packing.forward_packed(*a, **k)
     )
+    monkeypatch.setattr(packing, "prefix_cache", lambda *a: apart.append(a) or prefix_cache(*a))
     env = _env(tiny_lm_path, system_prompt)
     results = []
     for packed in (True, False):
@@ -230,5 +239,7 @@ def test_packed_passes_equal_padded_ones(tiny_lm_path, system_prompt, max_tokens
     assert len(calls) == 2  # the training pass and the reference pass ran packed
     _, _, mask, _, _, p = calls[0]
     lengths = (mask.sum(dim=1) - p).tolist()
-    assert (len(packing.pack(lengths, max_tokens)) > 1) == (max_tokens == 8)
+    lead = p if prefix == "leads_rows" else 0
+    assert (len(packing.pack(lengths, max_tokens - lead)) > 1) == (max_tokens == 8)
+    assert len(apart) == (2 if p and prefix == "apart" else 0)  # the prefix ran apart in both passes, or in no pass
     _assert_same_results(*results)
