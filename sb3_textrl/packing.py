@@ -60,11 +60,13 @@ def pack(lengths: list[int], max_tokens: int) -> list[list[int]]:
     n_bins = -(-total // limit)
     while True:  # the smallest capacity that fits the rows in n_bins bins, else one bin more
         capacity = max(longest, -(-total // n_bins))
-        while capacity <= limit:
+        while True:
             bins = _first_fit(lengths, capacity)
             if len(bins) <= n_bins:
                 return bins
-            capacity += max(1, capacity // 16)
+            if capacity == limit:
+                break
+            capacity = min(limit, capacity + max(1, capacity // 16))
         n_bins += 1
 
 

@@ -1,5 +1,7 @@
 """Prefix sharing: rows that open with the same tokens give the same results as full forwards."""
 
+import random
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -204,6 +206,19 @@ def test_pack_by_hand():
     assert packing.pack([9, 2, 5], max_tokens=6) == [[0], [2, 1]]  # a longer row widens every bin: 5 + 2 fit in 9
     assert packing.pack([1, 1, 1], max_tokens=2) == [[0, 1], [2]]
     assert packing.pack([], max_tokens=6) == []
+
+
+def test_pack_no_more_rows_than_first_fit():
+    """Every row placed once, no bin over its limit, and never more bins than first fit into full-size bins."""
+    rng = random.Random(0)
+    for _ in range(500):
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 30))]
+        max_tokens = rng.choice([64, 200, 256])
+        bins = packing.pack(lengths, max_tokens)
+        limit = max(max_tokens, *lengths)
+        assert sorted(row for b in bins for row in b) == list(range(len(lengths)))
+        assert max(sum(lengths[row] for row in b) for b in bins) <= limit
+        assert len(bins) <= len(packing._first_fit(lengths, limit))
 
 
 @pytest.mark.parametrize("prefix", ["leads_rows", "apart"])
