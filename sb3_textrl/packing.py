@@ -161,15 +161,21 @@ def forward_packed(
     limits = th.full_like(lengths, suffix_ids.shape[1])
     limits.scatter_reduce_(0, read_rows, read_columns - offset[read_rows], reduce="amin")
     groups = group_openings(suffix_ids, lengths, limits) if share_openings else []
+    max_tokens = MAX_PACKED_TOKENS if max_tokens is None else max_tokens
+    # a short shared prefix opens every packed row: one forward, and one gradient per weight. Run apart (its own forward
+    # and a cache the rows read), each weight gets a second, tiny gradient to add up: on the main job's minibatches
+    # (2 packed rows), training forward + backward took 12 % longer that way
+    lead = p if prefix_leads(p, max_tokens) else 0
+    apart = p > 0 and not lead
+    capacity = max_tokens - lead  # tokens per packed row after the prefix
     # pieces of tokens to place, as (segment, row, first suffix column, stop, the other segment it sees), in units
     # that share a packed row: a group's opening with its rows, or a row of no group
-    max_tokens = MAX_PACKED_TOKENS if max_tokens is None else max_tokens
     units: list[list[tuple[int, int, int, int, int]]] = []
     opening_segment, used = n_rows - 1, 0  # the openings' segments follow the rows'
     for rows, n in groups:
         for row in rows:  # a group wider than a packed row splits, each part with a copy of the opening
             size = int(lengths[row]) - n
-            if row == rows[0] or used + size > max_tokens:
+            if row == rows[0] or used + size > capacity:
                 opening_segment, used = opening_segment + 1, n
                 units.append([(opening_segment, row, 0, n, _PREFIX_SEGMENT)])
             units[-1].append((row, row, n, int(lengths[row]), opening_segment))
@@ -177,21 +183,17 @@ def forward_packed(
     grouped = {row for rows, _ in groups for row in rows}
     units += [[(row, row, 0, int(lengths[row]), _PREFIX_SEGMENT)] for row in range(n_rows) if row not in grouped]
     sizes = [sum(stop - first for _, _, first, stop, _ in unit) for unit in units]
-    # a short shared prefix opens every packed row: one forward, and one gradient per weight. Run apart (its own forward
-    # and a cache the rows read), each weight gets a second, tiny gradient to add up: on the main job's minibatches
-    # (2 packed rows), training forward + backward took 12 % longer that way
-    lead = p if prefix_leads(p, max_tokens) else 0
-    bins = pack(sizes, max_tokens - lead)
+    bins = pack(sizes, capacity)
     width = lead + max(sum(sizes[u] for u in unit_indices) for unit_indices in bins)
     ids = th.zeros(len(bins), width, dtype=th.long, device=device)
     positions = th.zeros_like(ids)
     segments = th.full_like(ids, _PAD_SEGMENT)
     seen = th.full_like(ids, _PAD_SEGMENT)  # the other segment each token sees (its group's opening, or the prefix)
+    ids[:, :lead], positions[:, :lead] = prefix[:lead], th.arange(lead, device=device)
+    segments[:, :lead], seen[:, :lead] = _PREFIX_SEGMENT, _PREFIX_SEGMENT
     # where each row's suffix token lands: (bin, column)
     where_bin, where_column = th.zeros_like(suffix_ids), th.zeros_like(suffix_ids)
     for b, unit_indices in enumerate(bins):
-        ids[b, :lead], positions[b, :lead] = prefix[:lead], th.arange(lead, device=device)
-        segments[b, :lead], seen[b, :lead] = _PREFIX_SEGMENT, _PREFIX_SEGMENT
         start = lead
         for segment, row, first, stop, other in (piece for u in unit_indices for piece in units[u]):
             n = stop - first
@@ -202,7 +204,7 @@ def forward_packed(
                 where_bin[row, first:stop], where_column[row, first:stop] = b, start + th.arange(n, device=device)
             start += n
     past, key_segment, key_position, tokens = None, segments, positions, dict(input_ids=ids)
-    if p and not lead:  # a long prefix runs once, apart
+    if apart:  # a long prefix runs once, apart
         # one embedding lookup for prefix and rows: the dense gradient of a vocabulary-sized table is made once per
         # lookup (113 MB for SmolLM2), so two lookups would make it twice
         embeds = lm.get_input_embeddings()(th.cat([prefix, ids.flatten()]))
@@ -211,7 +213,7 @@ def forward_packed(
     # eager attention (e.g. for TRPO's double backward) stays eager, with an additive mask
     eager = lm.config._attn_implementation == "eager"
     with contextlib.nullcontext("eager") if eager else packed_attention(lm) as attention:
-        if p and not lead:
+        if apart:
             past = make_cache(layers, read_only=True, batch=len(bins))
             prefix_positions = th.arange(p, device=device)[None].expand(len(bins), -1)
             key_segment = th.cat([th.full_like(prefix_positions, _PREFIX_SEGMENT), segments], dim=1)
