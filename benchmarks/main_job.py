@@ -56,7 +56,7 @@ def run_setting(setting: str, model_name: str, warmup: int, iterations: int) -> 
     env = cli.make_env(args, prompts, seed=args.seed)
     overrides = {}
     if setting != "library":
-        off = dict(use_kv_cache=False, prefix_sharing=False, packing=False, prepacked_weights=False)
+        off = dict(use_kv_cache=False, prefix_sharing=False, packing=False, prepacked_weights=False, lean_activations=False)
         overrides = dict(rollout_buffer_class=DictRolloutBuffer, policy_kwargs=off)
     if setting == "naive":
         policies.covering_rows = one_row_per_observation

@@ -6,6 +6,7 @@ over the same episodes (the floor any implementation pays), measured in one run 
     python benchmarks/update.py --no-prefix-sharing  # every row runs its whole prompt (system prompt included)
     python benchmarks/update.py --activation-checkpointing 1  # recompute every decoder layer in backward (2: every 2nd)
     python benchmarks/update.py --no-prepacked        # rollouts run the linear layers as they are (memory A/B)
+    python benchmarks/update.py --no-lean-activations # stock MLP and RMSNorm autograd (memory A/B)
 
 Memory: the process's peak RSS above its RSS before the LM is loaded, divided by the training state any PPO
 implementation holds: the policy's weights, their gradients and Adam's two moments, and the frozen reference model.
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--no-prefix-sharing", action="store_true")
     parser.add_argument("--activation-checkpointing", type=int, default=0, help="checkpoint every n-th layer (0: off)")
     parser.add_argument("--no-prepacked", action="store_true", help="rollouts without prepacked weights (memory A/B)")
+    parser.add_argument("--no-lean-activations", action="store_true", help="stock MLP and RMSNorm autograd (memory A/B)")
     args = parser.parse_args()
     rss_start = peak_rss_gib()
     allocated = AllocatedPeak()
@@ -133,6 +135,7 @@ def main() -> None:
             prefix_sharing=not args.no_prefix_sharing,
             activation_checkpointing=args.activation_checkpointing or False,
             prepacked_weights=not args.no_prepacked,
+            lean_activations=not args.no_lean_activations,
         ),
         seed=0,
     )
@@ -172,7 +175,7 @@ def main() -> None:
     peak = ppo_peak
     print(
         f"prefix sharing: {policy.prefix_sharing}, activation checkpointing: {policy.activation_checkpointing}, "
-        f"prepacked rollout weights: {policy.prepacked_weights}"
+        f"prepacked rollout weights: {policy.prepacked_weights}, lean activations: {policy.lean_activations}"
     )
     print(f"training state (weights + gradients + Adam moments + reference): {state:.2f} GiB")
     # the allocator decides how much freed memory stays in RSS: say which one this run had
