@@ -9,7 +9,9 @@ over the same episodes (the floor any implementation pays), measured in one run 
     python benchmarks/update.py --no-lean-activations # stock MLP and RMSNorm autograd (memory A/B)
 
 Memory: the process's peak RSS above its RSS before the LM is loaded, divided by the training state any PPO
-implementation holds: the policy's weights, their gradients and Adam's two moments, and the frozen reference model.
+implementation holds: the policy's weights, their gradients and Adam's two moments, and the frozen reference model;
+read after ``--memory-iterations`` PPO iterations (default 10: under glibc's allocator the peak creeps up for several
+iterations as its heap fragments; the ratio after each iteration is printed too).
 RSS is a process-wide high-water mark, so the two settings of a flag run in separate processes.
 Also printed (glibc only): the peak of the bytes malloc has handed out and not taken back (``mallinfo2``, sampled
 every 10 ms), the CPU's analogue of ``torch.cuda.max_memory_allocated``. The gap between the two is memory glibc's
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=192)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory-iterations", type=int, default=10, help="PPO iterations before reading peak memory")
     parser.add_argument("--no-prefix-sharing", action="store_true")
     parser.add_argument("--activation-checkpointing", type=int, default=0, help="checkpoint every n-th layer (0: off)")
     parser.add_argument("--no-prepacked", action="store_true", help="rollouts without prepacked weights (memory A/B)")
@@ -145,14 +148,17 @@ def main() -> None:
     rss_after_build = peak_rss_gib()
     ppo_seconds = base_seconds = 0.0
     tokens = 0
-    # PPO first: RSS is a high-water mark, and the baseline's one big batch needs more activation memory than PPO's
-    for repeat in range(args.repeats + 1):  # the first round warms up (Adam state, allocator)
+    # PPO first: RSS is a high-water mark, and the baseline's one big batch needs more activation memory than PPO's.
+    # Under glibc the peak creeps up from iteration to iteration (its heap fragments), so memory is read after several
+    ratios = []
+    for iteration in range(max(args.repeats + 1, args.memory_iterations)):
         model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
         start = time.perf_counter()
         model.train()
-        if repeat:
+        if 0 < iteration <= args.repeats:  # the first round warms up (Adam state, allocator)
             ppo_seconds += time.perf_counter() - start
             tokens += model.n_steps * model.n_envs
+        ratios.append(peak_rss_gib() - rss_start)
     ppo_peak = peak_rss_gib()
     allocated_peak = allocated.peak if allocated.available else float("nan")
     for repeat in range(args.repeats + 1):
@@ -183,6 +189,7 @@ def main() -> None:
     print(f"allocator settings: {knobs or 'none (glibc defaults, unless another malloc is linked in)'}")
     print(f"peak RSS during PPO {peak:.2f} GiB, {rss_start:.2f} GiB before loading, {rss_after_build:.2f} GiB after building")
     print(f"memory ratio (peak RSS - RSS before loading) / training state: {(peak - rss_start) / state:.3f}")
+    print(f"the same after each PPO iteration: {' '.join(f'{r / state:.3f}' for r in ratios)}")
     if allocated.available:
         ratio = (allocated_peak - allocated.start) / state
         print(f"peak allocated by malloc during PPO {allocated_peak:.2f} GiB, {allocated.start:.2f} GiB before loading")

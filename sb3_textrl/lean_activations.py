@@ -48,16 +48,20 @@ class _GatedMLPDown(th.autograd.Function):
     def backward(ctx, grad_out: th.Tensor):
         gate, up, weight = ctx.saved_tensors
         grad_h = grad_out @ weight
-        sigmoid = th.sigmoid(gate)
-        silu = gate * sigmoid
+        silu = th.nn.functional.silu(gate)
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[2]:
             h = (silu * up).reshape(-1, up.shape[-1])
             grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ h
+            del h
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         grad_up = grad_h * silu
-        grad_gate = grad_h * up * (sigmoid * (1 + gate * (1 - sigmoid)))
+        if th.is_grad_enabled():  # a double backward (create_graph=True) differentiates this: differentiable ops
+            sigmoid = th.sigmoid(gate)
+            grad_gate = grad_h * up * (sigmoid * (1 + gate * (1 - sigmoid)))
+        else:  # one fused kernel (it has no derivative of its own)
+            grad_gate = th.ops.aten.silu_backward(grad_h.mul_(up), gate)
         return grad_gate, grad_up, grad_weight, grad_bias
 
 
