@@ -127,7 +127,9 @@ def test_vocabulary_mismatch_env_policy(tiny_llama_path, tiny_llama_320_path):
     assert "320" in str(error.value) and "300" in str(error.value)
 
 
-@pytest.mark.parametrize("name", ["use_reference_model", "use_kv_cache", "prefix_sharing", "packing", "prepacked_weights"])
+@pytest.mark.parametrize(
+    "name", ["use_reference_model", "use_kv_cache", "prefix_sharing", "packing", "prepacked_weights", "lean_activations"]
+)
 @pytest.mark.parametrize("value", ["false", 0, None])
 def test_policy_switches_must_be_bools(tiny_llama_path, name, value):
     env = make_env(tiny_llama_path)

@@ -184,9 +184,3 @@ def test_policy_double_backward_equals_stock(tiny_llama_path):
         products.append(th.autograd.grad(sum(g.sum() for g in grads), params))
     for a, b in zip(*products, strict=True):
         th.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-
-
-def test_lean_activations_must_be_bool(tiny_llama_path):
-    env = _env(tiny_llama_path, None)
-    with pytest.raises(ValueError, match="lean_activations"):
-        LMPolicy(env.observation_space, env.action_space, lambda _: 1e-3, lean_activations="yes")
