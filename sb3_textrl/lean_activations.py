@@ -25,24 +25,21 @@ import torch as th
 from torch import nn
 
 
-def _silu_mul(gate: th.Tensor, up: th.Tensor) -> th.Tensor:
-    return th.nn.functional.silu(gate) * up
-
-
 class _GatedMLPDown(th.autograd.Function):
     """
     ``down(silu(gate) * up) = (silu(gate) * up) @ weight.T + bias``, saving ``gate`` and ``up`` only.
 
     Gradients (``h = silu(gate) * up``, ``s = sigmoid(gate)``, ``g`` the output's gradient): ``dh = g @ weight``,
     ``dweight = g.T @ h``, ``dbias = sum g``, ``dup = dh * silu(gate)``,
-    ``dgate = dh * up * s * (1 + gate * (1 - s))``. Written with differentiable ops (double backward works).
+    ``dgate = dh * up * s * (1 + gate * (1 - s))``: one fused ``silu_backward`` kernel, or differentiable ops when a
+    double backward (``create_graph=True``, TRPO's Hessian-vector products) records the backward.
     """
 
     @staticmethod
     def forward(ctx, gate: th.Tensor, up: th.Tensor, weight: th.Tensor, bias: th.Tensor | None):
         ctx.save_for_backward(gate, up, weight)
         ctx.has_bias = bias is not None
-        return th.nn.functional.linear(_silu_mul(gate, up), weight, bias)
+        return th.nn.functional.linear(th.nn.functional.silu(gate) * up, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: th.Tensor):
