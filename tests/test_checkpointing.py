@@ -18,6 +18,16 @@ def _policy(env, checkpointing, **kwargs):
     return policy
 
 
+def hessian_vector_product(policy, obs, actions):
+    """The LM's Hessian of ``sum exp(log_prob)`` times a vector of ones, as TRPO computes its objective and KL: a backward
+    through a backward."""
+    params = [p for p in policy.lm.parameters() if p.requires_grad]
+    log_prob = policy.get_distribution(obs).log_prob(actions)
+    grads = th.autograd.grad(log_prob.exp().sum(), params, create_graph=True)
+    vector = [th.ones_like(g) for g in grads]
+    return th.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vector)), params)
+
+
 def _count_layer_forwards(policy):
     """Counts the forward calls of every decoder layer's MLP (a recomputation calls them again)."""
     calls = []
@@ -68,14 +78,10 @@ def test_checkpointed_double_backward_equals_plain(tiny_llama_path):
     """TRPO's Hessian-vector products (a backward through a backward) are the same with checkpointing."""
     env = _env(tiny_llama_path, SYSTEM_PROMPT)
     obs, actions = _steps(env, 2)
-    products = []
-    for checkpointed in (False, True):
-        policy = _policy(env, checkpointed, model_kwargs=dict(attn_implementation="eager"))
-        params = [p for p in policy.lm.parameters() if p.requires_grad]
-        log_prob = policy.get_distribution(obs).log_prob(actions)  # as TRPO computes its objective and KL
-        grads = th.autograd.grad(log_prob.exp().sum(), params, create_graph=True)
-        vector = [th.ones_like(g) for g in grads]
-        products.append(th.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vector)), params))
+    products = [
+        hessian_vector_product(_policy(env, checkpointed, model_kwargs=dict(attn_implementation="eager")), obs, actions)
+        for checkpointed in (False, True)
+    ]
     for a, b in zip(*products, strict=True):
         th.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 

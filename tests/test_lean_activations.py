@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch as th
+from test_checkpointing import hessian_vector_product
 from test_prefix_sharing import SYSTEM_PROMPT, _env, _steps  # the same envs and random episodes
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
@@ -170,17 +171,9 @@ def test_policy_double_backward_equals_stock(tiny_llama_path):
     obs, actions = _steps(env, 2)
     products = []
     for lean in (False, True):
-        policy = LMPolicy(
-            env.observation_space,
-            env.action_space,
-            lambda _: 1e-3,
-            lean_activations=lean,
-            model_kwargs=dict(attn_implementation="eager"),
-        )
+        kwargs = dict(lean_activations=lean, model_kwargs=dict(attn_implementation="eager"))
+        policy = LMPolicy(env.observation_space, env.action_space, lambda _: 1e-3, **kwargs)
         policy.set_training_mode(True)
-        params = [p for p in policy.lm.parameters() if p.requires_grad]
-        log_prob = policy.get_distribution(obs).log_prob(actions)  # as TRPO computes its objective and KL
-        grads = th.autograd.grad(log_prob.exp().sum(), params, create_graph=True)
-        products.append(th.autograd.grad(sum(g.sum() for g in grads), params))
+        products.append(hessian_vector_product(policy, obs, actions))
     for a, b in zip(*products, strict=True):
         th.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
