@@ -5,12 +5,12 @@ functions that save their inputs only and recompute the cheap elementwise parts 
 Of the ~1.6 MB per token that SmolLM2-135M's stock layers keep for backward (float32), each gated MLP
 (``down_proj(silu(gate_proj(x)) * up_proj(x))``, Shazeer 2020, "GLU Variants Improve Transformer") keeps four
 ``(tokens, intermediate_size)`` tensors: ``gate``, ``silu(gate)``, ``up`` and their product. Its function here keeps
-``gate`` and ``up`` and recomputes the product (two elementwise kernels) for ``down_proj``'s weight gradient: ~23 % of
-the activations. Each RMSNorm (Zhang & Sennrich 2019) keeps its input and its normalised input; here its input only
-(~9 %). Measured on a minibatch of the main job's episodes (2 packed rows of 180 tokens): 569 -> 386 MB kept for
-backward. No matrix product is recomputed (unlike activation checkpointing, see :mod:`sb3_textrl.checkpointing`), so
-the update's time barely moves; the results equal the stock layers' up to float rounding, and the backward passes are
-differentiable again (TRPO's Hessian-vector products).
+``gate`` and ``up`` (in one buffer) and recomputes the product (two elementwise kernels) for ``down_proj``'s weight
+gradient: ~23 % of the activations. Each RMSNorm (Zhang & Sennrich 2019) keeps its input and its normalised input;
+here its input only (~9 %). Measured on a minibatch of the main job's episodes (2 packed rows of 180 tokens): 569 ->
+386 MB kept for backward. No matrix product is recomputed (unlike activation checkpointing, see
+:mod:`sb3_textrl.checkpointing`), so the update's time barely moves; the results equal the stock layers' up to float
+rounding, and the backward passes are differentiable again (TRPO's Hessian-vector products).
 
 A layer is switched over only where its stock forward, probed once on random inputs with its own weights, gives this
 module's result: Llama-style ``LlamaMLP``/``LlamaRMSNorm`` and their copies (Mistral, Qwen2, SmolLM2, ...). Others
@@ -25,41 +25,72 @@ import torch as th
 from torch import nn
 
 
-class _GatedMLPDown(th.autograd.Function):
+class _GatedMLP(th.autograd.Function):
     """
-    ``down(silu(gate) * up) = (silu(gate) * up) @ weight.T + bias``, saving ``gate`` and ``up`` only.
+    ``down(silu(gate(x)) * up(x))``, each projection ``x @ weight.T + bias``, saving ``x`` and one
+    ``(tokens, 2 * intermediate)`` buffer that holds ``gate(x)`` and ``up(x)`` side by side.
 
-    Gradients (``h = silu(gate) * up``, ``s = sigmoid(gate)``, ``g`` the output's gradient): ``dh = g @ weight``,
-    ``dweight = g.T @ h``, ``dbias = sum g``, ``dup = dh * silu(gate)``,
-    ``dgate = dh * up * s * (1 + gate * (1 - s))``: one fused ``silu_backward`` kernel, or differentiable ops when a
-    double backward (``create_graph=True``, TRPO's Hessian-vector products) records the backward.
+    Gradients (``h = silu(gate) * up``, ``s = sigmoid(gate)``, ``g`` the output's gradient): ``dh = g @ w_down``,
+    ``dw_down = g.T @ h``, ``dup = dh * silu(gate)``, ``dgate = dh * up * s * (1 + gate * (1 - s))`` (one fused
+    ``silu_backward`` kernel), ``dw_gate = dgate.T @ x``, ``dw_up = dup.T @ x``, ``dx = dgate @ w_gate + dup @ w_up``;
+    each bias's is the sum of its output's gradient over tokens. ``dgate`` and ``dup`` share one buffer too. Held in
+    one block each, the freed activations leave holes large enough for the next layers' weight gradients, so glibc's
+    heap grows less (``benchmarks/update.py``: peak RSS 1.31-1.33x the training state against 1.35-1.37x with
+    ``gate`` and ``up`` apart). When a double backward (``create_graph=True``, TRPO's Hessian-vector products) records
+    the backward, it recomputes ``gate`` and ``up`` from ``x`` with differentiable ops instead.
     """
 
     @staticmethod
-    def forward(ctx, gate: th.Tensor, up: th.Tensor, weight: th.Tensor, bias: th.Tensor | None):
-        ctx.save_for_backward(gate, up, weight)
-        ctx.has_bias = bias is not None
-        return th.nn.functional.linear(th.nn.functional.silu(gate) * up, weight, bias)
+    def forward(ctx, x, w_gate, b_gate, w_up, b_up, w_down, b_down):
+        x2 = x.reshape(-1, x.shape[-1])
+        inter = w_gate.shape[0]
+        gate_up = x2.new_empty(len(x2), 2 * inter)
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        for weight, bias, out in ((w_gate, b_gate, gate), (w_up, b_up, up)):
+            if bias is None:
+                th.mm(x2, weight.t(), out=out)
+            else:
+                th.addmm(bias, x2, weight.t(), out=out)
+        ctx.save_for_backward(x, w_gate, b_gate, w_up, b_up, w_down, gate_up)
+        ctx.has_down_bias = b_down is not None
+        return th.nn.functional.linear(th.nn.functional.silu(gate) * up, w_down, b_down).view(*x.shape[:-1], -1)
 
     @staticmethod
-    def backward(ctx, grad_out: th.Tensor):
-        gate, up, weight = ctx.saved_tensors
-        grad_h = grad_out @ weight
-        silu = th.nn.functional.silu(gate)
-        grad_weight = grad_bias = None
-        if ctx.needs_input_grad[2]:
-            h = (silu * up).reshape(-1, up.shape[-1])
-            grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ h
-            del h
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        grad_up = grad_h * silu
-        if th.is_grad_enabled():  # a double backward (create_graph=True) differentiates this: differentiable ops
-            sigmoid = th.sigmoid(gate)
+    def backward(ctx, grad_out):
+        x, w_gate, b_gate, w_up, b_up, w_down, gate_up = ctx.saved_tensors
+        x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+        grad_h = g2 @ w_down
+        if th.is_grad_enabled():  # a double backward differentiates this: differentiable ops all through
+            gate = th.nn.functional.linear(x2, w_gate, b_gate)
+            up = th.nn.functional.linear(x2, w_up, b_up)
+            silu, sigmoid = th.nn.functional.silu(gate), th.sigmoid(gate)
             grad_gate = grad_h * up * (sigmoid * (1 + gate * (1 - sigmoid)))
-        else:  # one fused kernel (it has no derivative of its own)
-            grad_gate = th.ops.aten.silu_backward(grad_h.mul_(up), gate)
-        return grad_gate, grad_up, grad_weight, grad_bias
+            grad_up = grad_h * silu
+        else:
+            inter = w_gate.shape[0]
+            gate, up = gate_up[:, :inter], gate_up[:, inter:]
+            silu = th.nn.functional.silu(gate)
+            grad_gate_up = th.empty_like(gate_up)
+            grad_gate, grad_up = grad_gate_up[:, :inter], grad_gate_up[:, inter:]
+            th.ops.aten.silu_backward.grad_input(grad_h * up, gate, grad_input=grad_gate)  # no derivative of its own
+            th.mul(grad_h, silu, out=grad_up)
+        h = silu * up
+        del grad_h, silu
+        needs = ctx.needs_input_grad
+        grads = [None] * 7
+        if needs[5]:
+            grads[5] = g2.t() @ h
+        del h
+        if needs[6] and ctx.has_down_bias:
+            grads[6] = g2.sum(0)
+        for i, (grad, bias) in zip((1, 3), ((grad_gate, b_gate), (grad_up, b_up))):
+            if needs[i]:
+                grads[i] = grad.t() @ x2
+            if needs[i + 1] and bias is not None:
+                grads[i + 1] = grad.sum(0)
+        if needs[0]:
+            grads[0] = th.addmm(grad_gate @ w_gate, grad_up, w_up).view_as(x)
+        return tuple(grads)
 
 
 class _RMSNorm(th.autograd.Function):
@@ -108,7 +139,7 @@ def _lean_call(module: nn.Module, x: th.Tensor, *weights: th.Tensor) -> bool:
 
 
 class _LeanMLP:
-    """Instance ``forward`` of a gated MLP: :class:`_GatedMLPDown` when it trains, else the stock forward."""
+    """Instance ``forward`` of a gated MLP: :class:`_GatedMLP` when it trains, else the stock forward."""
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -118,7 +149,7 @@ class _LeanMLP:
         linears = (m.gate_proj, m.up_proj, m.down_proj)
         if not all(type(p) is nn.Linear for p in linears) or not _lean_call(m, x, *(p.weight for p in linears)):
             return type(m).forward(m, x)
-        return _GatedMLPDown.apply(m.gate_proj(x), m.up_proj(x), m.down_proj.weight, m.down_proj.bias)
+        return _GatedMLP.apply(x, *(t for p in linears for t in (p.weight, p.bias)))
 
 
 class _LeanRMSNorm:
@@ -164,7 +195,7 @@ def _mlp_matches(module: nn.Module) -> bool:
     x = _probe_input(module, linears[0].in_features)
     with th.no_grad():
         stock = type(module).forward(module, x)
-        lean = _GatedMLPDown.apply(linears[0](x), linears[1](x), linears[2].weight, linears[2].bias)
+        lean = _GatedMLP.apply(x, *(t for p in linears for t in (p.weight, p.bias)))
     return _same(stock, lean)
 
 

@@ -9,21 +9,30 @@ from test_prefix_sharing import SYSTEM_PROMPT, _env, _steps  # the same envs and
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from sb3_textrl.lean_activations import _GatedMLPDown, _RMSNorm, enable_lean_activations
+from sb3_textrl.lean_activations import _GatedMLP, _RMSNorm, enable_lean_activations
 from sb3_textrl.policies import LMPolicy
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_gated_mlp_gradients(bias):
+@pytest.mark.parametrize("frozen", [False, True])
+def test_gated_mlp_gradients(bias, frozen):
     g = th.Generator().manual_seed(0)
-    gate, up = (th.randn(2, 3, 5, generator=g, dtype=th.float64, requires_grad=True) for _ in range(2))
-    weight = th.randn(4, 5, generator=g, dtype=th.float64, requires_grad=True)
-    b = th.randn(4, generator=g, dtype=th.float64, requires_grad=True) if bias else None
-    inputs = (gate, up, weight, b)
-    expected = th.nn.functional.linear(th.nn.functional.silu(gate) * up, weight, b)
-    th.testing.assert_close(_GatedMLPDown.apply(*inputs), expected)
-    assert th.autograd.gradcheck(_GatedMLPDown.apply, inputs)
-    assert th.autograd.gradgradcheck(_GatedMLPDown.apply, inputs)  # TRPO's Hessian-vector products
+
+    def tensor(*shape, requires_grad=True):
+        return th.randn(*shape, generator=g, dtype=th.float64, requires_grad=requires_grad)
+
+    x = tensor(2, 3, 5)
+    # a frozen up projection (requires_grad=False) gets no gradient; the others still do
+    w_gate, w_up, w_down = tensor(4, 5), tensor(4, 5, requires_grad=not frozen), tensor(5, 4)
+    b_gate, b_up, b_down = (tensor(n) if bias else None for n in (4, 4, 5))
+    inputs = (x, w_gate, b_gate, w_up, b_up, w_down, b_down)
+    linear = th.nn.functional.linear
+    expected = linear(th.nn.functional.silu(linear(x, w_gate, b_gate)) * linear(x, w_up, b_up), w_down, b_down)
+    th.testing.assert_close(_GatedMLP.apply(*inputs), expected)
+    assert th.autograd.gradcheck(_GatedMLP.apply, inputs)
+    assert th.autograd.gradgradcheck(_GatedMLP.apply, inputs)  # TRPO's Hessian-vector products
+    _GatedMLP.apply(*inputs).sum().backward()
+    assert (w_up.grad is None) == frozen
 
 
 def test_rms_norm_gradients():
@@ -77,8 +86,8 @@ def test_lm_outputs_and_gradients_equal_stock(tiny_llama_path, monkeypatch):
     lean = copy.deepcopy(stock)
     enable_lean_activations(lean)
     calls = []
-    apply = _GatedMLPDown.apply
-    monkeypatch.setattr(_GatedMLPDown, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = _GatedMLP.apply
+    monkeypatch.setattr(_GatedMLP, "apply", lambda *a: calls.append(1) or apply(*a))
     ids = th.randint(3, 300, (2, 9))
     outputs = []
     for lm in (stock, lean):
@@ -133,8 +142,8 @@ def test_stock_forward_for_lora_layers_and_autocast(tiny_llama_path, monkeypatch
     enable_lean_activations(lm)
     mlp = lm.model.layers[0].mlp
     calls = []
-    apply = _GatedMLPDown.apply
-    monkeypatch.setattr(_GatedMLPDown, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = _GatedMLP.apply
+    monkeypatch.setattr(_GatedMLP, "apply", lambda *a: calls.append(1) or apply(*a))
     x = th.randn(1, 3, lm.config.hidden_size, requires_grad=True)
     with th.autocast("cpu", dtype=th.bfloat16):
         assert mlp(x).dtype == th.bfloat16  # autocast's own products, not the float32 function
