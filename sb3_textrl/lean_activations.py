@@ -15,8 +15,8 @@ rounding, and the backward passes are differentiable again (TRPO's Hessian-vecto
 A layer is switched over only where its stock forward, probed once on random inputs with its own weights, gives this
 module's result: Llama-style ``LlamaMLP``/``LlamaRMSNorm`` and their copies (Mistral, Qwen2, SmolLM2, ...). Others
 (GPT-2's MLP, Gemma's ``1 + weight`` norm) keep their stock forward. Calls without gradients (rollouts, reference
-passes), under autocast, on LoRA- or FSDP-wrapped projections, or with inputs of another dtype than the weights run
-the stock forward too.
+passes), under autocast, on LoRA- or FSDP-wrapped projections, on projections with hooks of their own (the MLP's
+function never calls its projections), or with inputs of another dtype than the weights run the stock forward too.
 """
 
 from __future__ import annotations
@@ -138,6 +138,13 @@ def _lean_call(module: nn.Module, x: th.Tensor, *weights: th.Tensor) -> bool:
     )
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    # an nn.Linear that computes nothing else: no subclass (LoRA), no forward replaced on the instance, no hooks of its
+    # own (the function below never calls the projections, so their hooks would not run)
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return type(module) is nn.Linear and "forward" not in module.__dict__ and not any(getattr(module, h) for h in hooks)
+
+
 class _LeanMLP:
     """Instance ``forward`` of a gated MLP: :class:`_GatedMLP` when it trains, else the stock forward."""
 
@@ -147,7 +154,7 @@ class _LeanMLP:
     def __call__(self, x: th.Tensor) -> th.Tensor:
         m = self.module
         linears = (m.gate_proj, m.up_proj, m.down_proj)
-        if not all(type(p) is nn.Linear for p in linears) or not _lean_call(m, x, *(p.weight for p in linears)):
+        if not all(_plain_linear(p) for p in linears) or not _lean_call(m, x, *(p.weight for p in linears)):
             return type(m).forward(m, x)
         return _GatedMLP.apply(x, *(t for p in linears for t in (p.weight, p.bias)))
 

@@ -152,6 +152,25 @@ def test_stock_forward_for_lora_layers_and_autocast(tiny_llama_path, monkeypatch
     assert not calls
 
 
+def test_projection_hooks_run(tiny_llama_path, monkeypatch):
+    """A hook on a projection (a user's activation probe) still runs in training passes: that MLP runs stock."""
+    lm = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    enable_lean_activations(lm)
+    mlp = lm.model.layers[0].mlp
+    calls, seen = [], []
+    apply = _GatedMLP.apply
+    monkeypatch.setattr(_GatedMLP, "apply", lambda *a: calls.append(1) or apply(*a))
+    x = th.randn(1, 3, lm.config.hidden_size, requires_grad=True)
+    expected = mlp(x)
+    assert calls == [1]
+    handle = mlp.gate_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    th.testing.assert_close(mlp(x), expected)
+    assert calls == [1] and seen == [(1, 3, lm.config.intermediate_size)]
+    handle.remove()
+    mlp(x)
+    assert calls == [1, 1]
+
+
 @pytest.mark.parametrize("system_prompt", [SYSTEM_PROMPT, None], ids=["system_prompt", "plain"])
 def test_policy_training_pass_equals_stock(tiny_lm_path, system_prompt):
     env = _env(tiny_lm_path, system_prompt)
