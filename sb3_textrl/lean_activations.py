@@ -145,6 +145,11 @@ def _plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and "forward" not in module.__dict__ and not any(getattr(module, h) for h in hooks)
 
 
+def _gated_mlp(x: th.Tensor, linears: tuple[nn.Linear, nn.Linear, nn.Linear]) -> th.Tensor:
+    """:class:`_GatedMLP` on ``(gate_proj, up_proj, down_proj)``'s weights and biases, in its argument order."""
+    return _GatedMLP.apply(x, *(t for p in linears for t in (p.weight, p.bias)))
+
+
 class _LeanMLP:
     """Instance ``forward`` of a gated MLP: :class:`_GatedMLP` when it trains, else the stock forward."""
 
@@ -156,7 +161,7 @@ class _LeanMLP:
         linears = (m.gate_proj, m.up_proj, m.down_proj)
         if not all(_plain_linear(p) for p in linears) or not _lean_call(m, x, *(p.weight for p in linears)):
             return type(m).forward(m, x)
-        return _GatedMLP.apply(x, *(t for p in linears for t in (p.weight, p.bias)))
+        return _gated_mlp(x, linears)
 
 
 class _LeanRMSNorm:
@@ -196,13 +201,13 @@ def _probe_input(module: nn.Module, width: int) -> th.Tensor:
 
 
 def _mlp_matches(module: nn.Module) -> bool:
-    linears = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    linears = tuple(getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
     if not all(type(p) is nn.Linear and _probeable(p.weight) for p in linears):
         return False
     x = _probe_input(module, linears[0].in_features)
     with th.no_grad():
         stock = type(module).forward(module, x)
-        lean = _GatedMLP.apply(x, *(t for p in linears for t in (p.weight, p.bias)))
+        lean = _gated_mlp(x, linears)
     return _same(stock, lean)
 
 
