@@ -150,7 +150,7 @@ def main() -> None:
     tokens = 0
     # PPO first: RSS is a high-water mark, and the baseline's one big batch needs more activation memory than PPO's.
     # Under glibc the peak creeps up from iteration to iteration (its heap fragments), so memory is read after several
-    ratios = []
+    peaks = []  # peak RSS above the start after each iteration, GiB
     for iteration in range(max(args.repeats + 1, args.memory_iterations)):
         model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
         start = time.perf_counter()
@@ -158,7 +158,7 @@ def main() -> None:
         if 0 < iteration <= args.repeats:  # the first round warms up (Adam state, allocator)
             ppo_seconds += time.perf_counter() - start
             tokens += model.n_steps * model.n_envs
-        ratios.append(peak_rss_gib() - rss_start)
+        peaks.append(peak_rss_gib() - rss_start)
     ppo_peak = peak_rss_gib()
     allocated_peak = allocated.peak if allocated.available else float("nan")
     for repeat in range(args.repeats + 1):
@@ -189,7 +189,7 @@ def main() -> None:
     print(f"allocator settings: {knobs or 'none (glibc defaults, unless another malloc is linked in)'}")
     print(f"peak RSS during PPO {peak:.2f} GiB, {rss_start:.2f} GiB before loading, {rss_after_build:.2f} GiB after building")
     print(f"memory ratio (peak RSS - RSS before loading) / training state: {(peak - rss_start) / state:.3f}")
-    print(f"the same after each PPO iteration: {' '.join(f'{r / state:.3f}' for r in ratios)}")
+    print(f"the same after each PPO iteration: {' '.join(f'{p / state:.3f}' for p in peaks)}")
     if allocated.available:
         ratio = (allocated_peak - allocated.start) / state
         print(f"peak allocated by malloc during PPO {allocated_peak:.2f} GiB, {allocated.start:.2f} GiB before loading")
