@@ -13,6 +13,7 @@ import contextlib
 
 import torch as th
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -44,6 +45,27 @@ def right_align(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Ten
     return input_ids.gather(1, index), attention_mask.gather(1, index)
 
 
+# per boolean mask (one per forward, passed to every layer): its additive form, tiled over the n_rep query blocks
+_ADDITIVE_MASKS = WeakTensorKeyDictionary()
+
+
+def _additive_mask(attention_mask: th.Tensor, n_rep: int, dtype: th.dtype) -> th.Tensor:
+    """
+    ``attention_mask`` tiled over ``n_rep`` blocks of query rows and, if boolean, made additive (0 or ``-inf``, as SDPA
+    makes it itself): built once per mask and reused by every layer. SDPA keeps the mask it gets for backward, so a
+    converted copy per layer would keep one per layer (3 x 256 x 4 bytes per token and layer on SmolLM2: ~9 % of a
+    training forward's activations); this one is kept once.
+    """
+    entry = _ADDITIVE_MASKS.get(attention_mask)
+    if entry is not None and entry[0] == (n_rep, dtype):
+        return entry[1]
+    mask = attention_mask.repeat(1, 1, n_rep, 1) if n_rep > 1 else attention_mask
+    if mask.dtype == th.bool:
+        mask = th.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    _ADDITIVE_MASKS[attention_mask] = ((n_rep, dtype), mask)
+    return mask
+
+
 def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """
     Scaled dot-product attention over the packed cache, for grouped-query attention without copies of the keys and
@@ -62,7 +84,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     n_rep = heads // key.shape[1]
     # query head h reads key/value head h // n_rep (transformers' repeat_kv order)
     query = query.reshape(batch, key.shape[1], n_rep * length, dim)
-    mask = attention_mask.repeat(1, 1, n_rep, 1) if n_rep > 1 else attention_mask
+    mask = _additive_mask(attention_mask, n_rep, query.dtype)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 

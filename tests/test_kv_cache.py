@@ -43,6 +43,27 @@ def test_packed_sdpa_equals_transformers_sdpa(heads, kv_heads):
     th.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_layers_keep_one_attention_mask_for_backward():
+    # every layer gets the same boolean mask; SDPA keeps the (additive, tiled) mask it is given for backward, so the
+    # layers must all be given one tensor, not a copy each
+    attention = _Attention(6, 2)
+    gen = th.Generator().manual_seed(0)
+    mask = th.rand(1, 1, 5, 11, generator=gen) < 0.6
+    mask[..., 0] = True
+    kept, outs = [], []
+    with th.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        for _ in range(3):
+            query = th.randn(1, 6, 5, 8, generator=gen, requires_grad=True)
+            key, value = th.randn(2, 1, 2, 11, 8, generator=gen, requires_grad=True).unbind(0)
+            outs.append(packed_sdpa_attention(attention, query, key, value, mask, scaling=0.3)[0])
+            expected, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=0.3)
+            th.testing.assert_close(outs[-1], expected, atol=1e-6, rtol=1e-5)
+    masks = {t.data_ptr() for t in kept if t.shape == (1, 1, 3 * 5, 11)}
+    assert len(masks) == 1
+    sum(out.sum() for out in outs).backward()  # the shared mask serves every layer's backward
+    assert query.grad is not None and th.isfinite(query.grad).all()
+
+
 def test_row_without_tokens_is_refused(tiny_llama_path):
     from sb3_textrl.kv_cache import RolloutKVCache
     from sb3_textrl.loading import load_causal_lm
