@@ -7,10 +7,13 @@ Of the ~1.6 MB per token that SmolLM2-135M's stock layers keep for backward (flo
 ``(tokens, intermediate_size)`` tensors: ``gate``, ``silu(gate)``, ``up`` and their product. Its function here keeps
 ``gate`` and ``up`` (in one buffer) and recomputes the product (two elementwise kernels) for ``down_proj``'s weight
 gradient: ~23 % of the activations. Each RMSNorm (Zhang & Sennrich 2019) keeps its input and its normalised input;
-here its input only (~9 %). Measured on a minibatch of the main job's episodes (2 packed rows of 180 tokens): 569 ->
-386 MB kept for backward. No matrix product is recomputed (unlike activation checkpointing, see
-:mod:`sb3_textrl.checkpointing`), so the update's time barely moves; the results equal the stock layers' up to float
-rounding, and the backward passes are differentiable again (TRPO's Hessian-vector products).
+here its input only (~9 %). Where the post-attention norm made the MLP's input, the MLP does not keep that either:
+it recomputes it in backward from the norm's input, which the norm keeps anyway (~7 %). Measured on SmolLM2's shapes
+(2 packed rows of 180 tokens through :func:`~sb3_textrl.packing.forward_packed`, attention masks shared by the
+layers): 509 MB kept for backward by the stock layers, 301 MB here. No matrix product is recomputed (unlike
+activation checkpointing, see :mod:`sb3_textrl.checkpointing`), so the update's time barely moves; the results equal
+the stock layers' up to float rounding, and the backward passes are differentiable again (TRPO's Hessian-vector
+products).
 
 A layer is switched over only where its stock forward, probed once on random inputs with its own weights, gives this
 module's result: Llama-style ``LlamaMLP``/``LlamaRMSNorm`` and their copies (Mistral, Qwen2, SmolLM2, ...). Others
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import torch as th
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 
 class _GatedMLP(th.autograd.Function):
@@ -38,10 +42,14 @@ class _GatedMLP(th.autograd.Function):
     heap grows less (``benchmarks/update.py``: peak RSS 1.31-1.33x the training state against 1.35-1.37x with
     ``gate`` and ``up`` apart). When a double backward (``create_graph=True``, TRPO's Hessian-vector products) records
     the backward, it recomputes ``gate`` and ``up`` from ``x`` with differentiable ops instead.
+
+    Given ``norm_input``, ``norm_weight`` and ``eps`` of the :class:`_RMSNorm` whose output ``x`` is, it keeps
+    ``norm_input`` (which that norm keeps too) instead of ``x`` and recomputes ``x`` in backward; its gradient still
+    flows to the norm through ``x`` (none is returned for the norm's own arguments).
     """
 
     @staticmethod
-    def forward(ctx, x, w_gate, b_gate, w_up, b_up, w_down, b_down):
+    def forward(ctx, x, w_gate, b_gate, w_up, b_up, w_down, b_down, norm_input=None, norm_weight=None, eps=None):
         x2 = x.reshape(-1, x.shape[-1])
         inter = w_gate.shape[0]
         gate_up = x2.new_empty(len(x2), 2 * inter)
@@ -51,13 +59,18 @@ class _GatedMLP(th.autograd.Function):
                 th.mm(x2, weight.t(), out=out)
             else:
                 th.addmm(bias, x2, weight.t(), out=out)
-        ctx.save_for_backward(x, w_gate, b_gate, w_up, b_up, w_down, gate_up)
-        ctx.has_down_bias = b_down is not None
+        # x made by an RMSNorm is recomputed from the norm's input (which the norm keeps anyway), not kept
+        ctx.recompute_x = norm_input is not None
+        kept = (norm_input, norm_weight) if ctx.recompute_x else (x, None)
+        ctx.save_for_backward(*kept, w_gate, b_gate, w_up, b_up, w_down, gate_up)
+        ctx.has_down_bias, ctx.eps, ctx.x_shape = b_down is not None, eps, x.shape
         return th.nn.functional.linear(th.nn.functional.silu(gate) * up, w_down, b_down).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_gate, b_gate, w_up, b_up, w_down, gate_up = ctx.saved_tensors
+        x, norm_weight, w_gate, b_gate, w_up, b_up, w_down, gate_up = ctx.saved_tensors
+        if ctx.recompute_x:  # differentiable ops: a double backward differentiates through the norm
+            x = _rms_norm(x, norm_weight, ctx.eps)
         x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
         grad_h = g2 @ w_down
         if th.is_grad_enabled():  # a double backward differentiates this: differentiable ops all through
@@ -77,7 +90,7 @@ class _GatedMLP(th.autograd.Function):
         h = silu * up
         del grad_h, silu
         needs = ctx.needs_input_grad
-        grads = [None] * 7
+        grads = [None] * 10
         if needs[5]:
             grads[5] = g2.t() @ h
         del h
@@ -89,8 +102,8 @@ class _GatedMLP(th.autograd.Function):
             if needs[i + 1] and bias is not None:
                 grads[i + 1] = grad.sum(0)
         if needs[0]:
-            grads[0] = th.addmm(grad_gate @ w_gate, grad_up, w_up).view_as(x)
-        return tuple(grads)
+            grads[0] = th.addmm(grad_gate @ w_gate, grad_up, w_up).view(ctx.x_shape)
+        return tuple(grads)  # none for the norm's input and weight: theirs flows through x
 
 
 class _RMSNorm(th.autograd.Function):
@@ -105,8 +118,7 @@ class _RMSNorm(th.autograd.Function):
     def forward(ctx, x: th.Tensor, weight: th.Tensor, eps: float):
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
-        xhat, _ = _normalise(x, eps)
-        return weight * xhat.to(x.dtype)
+        return _rms_norm(x, weight, eps)
 
     @staticmethod
     def backward(ctx, grad_out: th.Tensor):
@@ -128,6 +140,11 @@ def _normalise(x: th.Tensor, eps: float) -> tuple[th.Tensor, th.Tensor]:
     return x32 * rstd, rstd
 
 
+def _rms_norm(x: th.Tensor, weight: th.Tensor, eps: float) -> th.Tensor:
+    """:class:`_RMSNorm`'s output (the same ops, so a recomputation gives the same bits)."""
+    return weight * _normalise(x, eps)[0].to(x.dtype)
+
+
 def _lean_call(module: nn.Module, x: th.Tensor, *weights: th.Tensor) -> bool:
     # the stock forward where nothing trains through it, under autocast, or with parameters another wrapper owns
     return (
@@ -145,9 +162,23 @@ def _plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and "forward" not in module.__dict__ and not any(getattr(module, h) for h in hooks)
 
 
-def _gated_mlp(x: th.Tensor, linears: tuple[nn.Linear, nn.Linear, nn.Linear]) -> th.Tensor:
-    """:class:`_GatedMLP` on ``(gate_proj, up_proj, down_proj)``'s weights and biases, in its argument order."""
-    return _GatedMLP.apply(x, *(t for p in linears for t in (p.weight, p.bias)))
+def _gated_mlp(x: th.Tensor, linears: tuple[nn.Linear, nn.Linear, nn.Linear], *norm) -> th.Tensor:
+    """:class:`_GatedMLP` on ``(gate_proj, up_proj, down_proj)``'s weights and biases, in its argument order (and
+    ``norm``: the input, weight and eps of the RMSNorm that made ``x``, if one did)."""
+    return _GatedMLP.apply(x, *(t for p in linears for t in (p.weight, p.bias)), *norm)
+
+
+# a training RMSNorm's output -> (its input, weight, eps, the output's version), so that the layer reading it can
+# recompute it in backward from what the norm keeps anyway instead of keeping it too
+_NORM_OUTPUTS = WeakTensorKeyDictionary()
+
+
+def _norm_that_made(x: th.Tensor) -> tuple:
+    """The input, weight and eps of the lean RMSNorm whose output ``x`` is (unchanged since), else ``()``."""
+    entry = _NORM_OUTPUTS.get(x)
+    if entry is None or entry[3] != x._version:
+        return ()
+    return entry[:3]
 
 
 class _LeanMLP:
@@ -161,7 +192,7 @@ class _LeanMLP:
         linears = (m.gate_proj, m.up_proj, m.down_proj)
         if not all(_plain_linear(p) for p in linears) or not _lean_call(m, x, *(p.weight for p in linears)):
             return type(m).forward(m, x)
-        return _gated_mlp(x, linears)
+        return _gated_mlp(x, linears, *_norm_that_made(x))
 
 
 class _LeanRMSNorm:
@@ -174,7 +205,9 @@ class _LeanRMSNorm:
         m = self.module
         if not _lean_call(m, x, m.weight):
             return type(m).forward(m, x)
-        return _RMSNorm.apply(x, m.weight, self.eps)
+        y = _RMSNorm.apply(x, m.weight, self.eps)
+        _NORM_OUTPUTS[y] = (x, m.weight, self.eps, y._version)
+        return y
 
 
 def _rms_eps(module: nn.Module) -> float | None:

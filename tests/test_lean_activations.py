@@ -45,6 +45,30 @@ def test_rms_norm_gradients():
     assert th.autograd.gradgradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-6), (x, weight))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_gated_mlp_recomputes_its_norm_output(bias):
+    # given the RMSNorm that made x, the MLP keeps the norm's input instead of x and recomputes x in backward
+    g = th.Generator().manual_seed(0)
+
+    def tensor(*shape):
+        return th.randn(*shape, generator=g, dtype=th.float64, requires_grad=True)
+
+    h, norm_weight = tensor(2, 3, 5), tensor(5)
+    weights = (tensor(4, 5), tensor(4) if bias else None, tensor(4, 5), tensor(4) if bias else None, tensor(5, 4))
+    weights += (tensor(5) if bias else None,)
+
+    def norm_mlp(h, norm_weight, *weights):
+        return _GatedMLP.apply(_RMSNorm.apply(h, norm_weight, 1e-6), *weights, h, norm_weight, 1e-6)
+
+    def stock(h, norm_weight, *weights):
+        return _GatedMLP.apply(_RMSNorm.apply(h, norm_weight, 1e-6), *weights)
+
+    inputs = (h, norm_weight, *weights)
+    th.testing.assert_close(norm_mlp(*inputs), stock(*inputs))
+    assert th.autograd.gradcheck(norm_mlp, inputs)
+    assert th.autograd.gradgradcheck(norm_mlp, inputs)
+
+
 def _saved_bytes(fn, params):
     """Bytes of the distinct tensors autograd keeps for backward, parameters left out."""
     seen = {p.untyped_storage().data_ptr() for p in params}
@@ -79,6 +103,15 @@ def test_layers_keep_only_their_inputs(tiny_llama_path):
     assert stock_norm - lean_norm >= tokens * hidden * 4  # the normalised input is no longer kept
     th.testing.assert_close(out_mlp, expected_mlp)
     th.testing.assert_close(out_norm, expected_norm)
+    # norm then MLP, as in a decoder layer: the MLP recomputes the norm's output from the norm's input
+    lean_both, _ = _saved_bytes(lambda: mlp(norm(x)), params)
+    assert lean_both == (tokens * hidden + 2 * tokens * intermediate) * 4  # the norm input x, gate and up
+    # unless the output changed in between: then the MLP keeps it
+    changed, out_changed = _saved_bytes(lambda: mlp(norm(x).mul_(2)), params)
+    assert changed == lean_both + tokens * hidden * 4
+    with th.no_grad():
+        expected_changed = type(mlp).forward(mlp, type(norm).forward(norm, x) * 2)
+    th.testing.assert_close(out_changed, expected_changed)
 
 
 def test_lm_outputs_and_gradients_equal_stock(tiny_llama_path, monkeypatch):
