@@ -22,6 +22,7 @@ from sb3_textrl.kv_cache import RolloutKVCache
 from sb3_textrl.lean_activations import enable_lean_activations
 from sb3_textrl.loading import load_causal_lm, load_tokenizer
 from sb3_textrl.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
+from sb3_textrl.optim import allocate_adam_state
 from sb3_textrl.packing import forward_packed, packable
 from sb3_textrl.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
 from sb3_textrl.token_masks import last_token_index, position_ids
@@ -100,7 +101,10 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
     a KV cache carried from call to call (:class:`~sb3_textrl.kv_cache.RolloutKVCache`) makes each new token cost one
     incremental forward; it is dropped whenever the weights may have changed (mode switch, in-place update, loading).
     The optimizer frees the gradients right after each ``step()`` (``zero_grad(set_to_none=True)`` in a post-step
-    hook): read them before stepping.
+    hook): read them before stepping. Adam's (and AdamW's) state is made when the policy first enters training mode
+    (``set_training_mode(True)``, before the first minibatch), not at the first ``step()``: zero moments, as that step
+    would make them, placed next to the weights rather than among a minibatch's freed activations
+    (:func:`~sb3_textrl.optim.allocate_adam_state`).
 
     :param observation_space: a :class:`~sb3_textrl.spaces.TokenObservationSpace` (or a ``Box`` of token ids)
     :param action_space: ``Discrete(n)``, ``n`` the LM's logits width
@@ -331,6 +335,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
     def train(self, mode: bool = True) -> CausalLMActorCriticPolicy:
         if mode != self.training:
             self._kv_cache.reset()  # a new phase (rollout or update) starts
+        if mode and hasattr(self, "optimizer"):  # Adam's moments before the first minibatch's activations (optim.py)
+            allocate_adam_state(self.optimizer)
         super().train(mode)
         self.lm.eval()  # dropout stays off: the probability ratio must be 1 at the first update
         if self.activation_checkpointing:

@@ -1,0 +1,45 @@
+"""
+Adam's state made before training starts rather than at the optimizer's first ``step()``.
+
+Adam (Kingma & Ba 2015) keeps two moments per trainable weight, as large as the weights themselves: for a
+full fine-tune, the largest part of the training state that is not the weights. PyTorch makes them at the first
+``step()``, in the middle of the first minibatch, when the heap is full of freed activations: on a CPU, glibc's
+allocator puts the moments between those holes, and the heap grows for several iterations around them. Made up
+front, they sit next to the weights, below the memory that rollouts and minibatches take and give back
+(``benchmarks/update.py``: see the README's *Memory* section).
+"""
+
+from __future__ import annotations
+
+import torch as th
+
+_ADAM_CLASSES = (th.optim.Adam, th.optim.AdamW)
+
+
+def allocate_adam_state(optimizer: th.optim.Optimizer) -> bool:
+    """
+    Give a fresh ``torch.optim.Adam`` or ``AdamW`` the state its first ``step()`` would make: ``step`` 0 and zero
+    ``exp_avg`` and ``exp_avg_sq`` (and ``max_exp_avg_sq`` with ``amsgrad``) for every parameter that requires a
+    gradient, each like its parameter (dtype, device, layout). The steps that follow are the same as without it.
+
+    The state goes in through ``load_state_dict``, so PyTorch places ``step`` as its fused, capturable or plain kernels
+    expect.
+
+    :param optimizer: the optimizer; others than Adam and AdamW (subclasses included), and one that holds state
+        already (it stepped, or was loaded), are left alone
+    :return: whether the state was made
+    """
+    if type(optimizer) not in _ADAM_CLASSES or optimizer.state:
+        return False
+    state, index = {}, 0
+    for group in optimizer.param_groups:
+        names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group.get("amsgrad") else ("exp_avg", "exp_avg_sq")
+        for param in group["params"]:
+            if param.requires_grad:
+                state[index] = {"step": th.tensor(0.0)}
+                state[index].update({name: th.zeros_like(param, memory_format=th.preserve_format) for name in names})
+            index += 1
+    if not state:
+        return False
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    return True
