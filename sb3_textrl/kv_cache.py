@@ -56,6 +56,8 @@ def _additive_mask(attention_mask: th.Tensor, n_rep: int, dtype: th.dtype) -> th
     converted copy per layer would keep one per layer (3 x 256 x 4 bytes per token and layer on SmolLM2: ~9 % of a
     training forward's activations); this one is kept once.
     """
+    if n_rep == 1 and attention_mask.dtype != th.bool:
+        return attention_mask  # as it is (and not cached: the entry would keep its own key alive)
     entry = _ADDITIVE_MASKS.get(attention_mask)
     if entry is not None and entry[0] == (n_rep, dtype):
         return entry[1]

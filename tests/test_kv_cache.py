@@ -1,5 +1,7 @@
 """The packed rollout KV cache's pieces: its attention mask and its grouped-query attention."""
 
+import weakref
+
 import pytest
 import torch as th
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -62,6 +64,13 @@ def test_layers_keep_one_attention_mask_for_backward():
     assert len(masks) == 1
     sum(out.sum() for out in outs).backward()  # the shared mask serves every layer's backward
     assert query.grad is not None and th.isfinite(query.grad).all()
+    # masks are remembered weakly: once a forward's mask is gone, nothing of it stays
+    for heads in (6, 2):  # 6: tiled and converted; 2 (no grouping) with an additive mask: used as it is
+        additive = th.zeros(1, 1, 5, 11)
+        packed_sdpa_attention(_Attention(heads, 2), th.randn(1, heads, 5, 8), key.detach(), value.detach(), additive)
+        alive = weakref.ref(additive)
+        del additive
+        assert alive() is None
 
 
 def test_row_without_tokens_is_refused(tiny_llama_path):
