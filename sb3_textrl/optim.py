@@ -43,3 +43,20 @@ def allocate_adam_state(optimizer: th.optim.Optimizer) -> bool:
         return False
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     return True
+
+
+def release_unstepped_adam_state(optimizer: th.optim.Optimizer) -> bool:
+    """
+    Drop the state of an Adam or AdamW that has not stepped yet (every ``step`` 0, as :func:`allocate_adam_state` makes
+    it): equivalent to none, and made again, like its parameters, at the next :func:`allocate_adam_state`. Call it
+    after the parameters moved or changed dtype (``.to(device)``, ``.double()``), which the state does not follow.
+
+    :param optimizer: the optimizer; others, and one that has stepped, are left alone
+    :return: whether the state was dropped
+    """
+    if type(optimizer) not in _ADAM_CLASSES or not optimizer.state:
+        return False
+    if any(float(state.get("step", 1)) != 0 for state in optimizer.state.values()):
+        return False
+    optimizer.state.clear()
+    return True

@@ -22,7 +22,7 @@ from sb3_textrl.kv_cache import RolloutKVCache
 from sb3_textrl.lean_activations import enable_lean_activations
 from sb3_textrl.loading import load_causal_lm, load_tokenizer
 from sb3_textrl.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
-from sb3_textrl.optim import allocate_adam_state
+from sb3_textrl.optim import allocate_adam_state, release_unstepped_adam_state
 from sb3_textrl.packing import forward_packed, packable
 from sb3_textrl.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
 from sb3_textrl.token_masks import last_token_index, position_ids
@@ -327,6 +327,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
     def _apply(self, fn, *args, **kwargs):
         if hasattr(self, "_kv_cache"):
             self._kv_cache.reset()
+        if hasattr(self, "optimizer"):  # moments made up front but never stepped: made again where the weights go
+            release_unstepped_adam_state(self.optimizer)
         super()._apply(fn, *args, **kwargs)
         for model in self._reference:  # .to(device) moves the reference model too
             model._apply(fn, *args, **kwargs)

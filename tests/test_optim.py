@@ -5,7 +5,7 @@ import torch as th
 from stable_baselines3 import PPO
 from test_policy import make_env
 
-from sb3_textrl.optim import allocate_adam_state
+from sb3_textrl.optim import allocate_adam_state, release_unstepped_adam_state
 
 
 def _params(seed: int = 0) -> list[th.nn.Parameter]:
@@ -71,4 +71,20 @@ def test_policy_makes_the_state_when_training_starts(tiny_llama_path):
     model.policy.set_training_mode(True)
     assert len(optimizer.state) == sum(p.requires_grad for p in model.policy.parameters())
     model.learn(4)  # and training goes on from it
+    assert all(float(s["step"]) == 1 for s in optimizer.state.values())
+
+
+def test_unstepped_state_follows_the_weights(tiny_llama_path):
+    model = PPO("LMPolicy", make_env(tiny_llama_path), n_steps=4, batch_size=4, n_epochs=1, device="cpu")
+    policy, optimizer = model.policy, model.policy.optimizer
+    policy.set_training_mode(True)
+    assert optimizer.state
+    policy.double()  # the weights change dtype; moments made for float32 would not fit them
+    assert not optimizer.state
+    policy.set_training_mode(True)
+    assert all(s["exp_avg"].dtype == th.float64 for s in optimizer.state.values())
+    for p in policy.parameters():
+        p.grad = th.ones_like(p)
+    optimizer.step()
+    assert not release_unstepped_adam_state(optimizer)  # stepped: kept
     assert all(float(s["step"]) == 1 for s in optimizer.state.values())
