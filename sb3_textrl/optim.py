@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch as th
 
-_ADAM_CLASSES = (th.optim.Adam, th.optim.AdamW)
+# the optimizers whose state this module makes (exact classes: a subclass may keep other state)
+ADAM_CLASSES = (th.optim.Adam, th.optim.AdamW)
 
 
 def allocate_adam_state(optimizer: th.optim.Optimizer) -> bool:
@@ -29,7 +30,7 @@ def allocate_adam_state(optimizer: th.optim.Optimizer) -> bool:
         already (it stepped, or was loaded), are left alone
     :return: whether the state was made
     """
-    if type(optimizer) not in _ADAM_CLASSES or optimizer.state:
+    if type(optimizer) not in ADAM_CLASSES or optimizer.state:
         return False
     state, index = {}, 0
     for group in optimizer.param_groups:
@@ -54,7 +55,7 @@ def release_unstepped_adam_state(optimizer: th.optim.Optimizer) -> bool:
     :param optimizer: the optimizer; others, and one that has stepped, are left alone
     :return: whether the state was dropped
     """
-    if type(optimizer) not in _ADAM_CLASSES or not optimizer.state:
+    if type(optimizer) not in ADAM_CLASSES or not optimizer.state:
         return False
     if any(float(state.get("step", 1)) != 0 for state in optimizer.state.values()):
         return False

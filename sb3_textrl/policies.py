@@ -22,7 +22,7 @@ from sb3_textrl.kv_cache import RolloutKVCache
 from sb3_textrl.lean_activations import enable_lean_activations
 from sb3_textrl.loading import load_causal_lm, load_tokenizer
 from sb3_textrl.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
-from sb3_textrl.optim import allocate_adam_state, release_unstepped_adam_state
+from sb3_textrl.optim import ADAM_CLASSES, allocate_adam_state, release_unstepped_adam_state
 from sb3_textrl.packing import forward_packed, packable
 from sb3_textrl.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
 from sb3_textrl.token_masks import last_token_index, position_ids
@@ -217,7 +217,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         self.lora_config = lora_config
         kwargs.setdefault("ortho_init", False)
         optimizer_class = kwargs.get("optimizer_class", th.optim.Adam)
-        if optimizer_class in (th.optim.Adam, th.optim.AdamW):
+        if optimizer_class in ADAM_CLASSES:
             # SB3's default Adam eps, and the fused kernel: ~5x faster steps over an LM's ~100M parameters
             kwargs["optimizer_kwargs"] = {"eps": 1e-5, "fused": True, **(kwargs.get("optimizer_kwargs") or {})}
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
