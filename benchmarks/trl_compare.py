@@ -75,8 +75,8 @@ def report(side: str, seconds: list[float], warmup: int, **extra) -> None:
 def prepare(workdir: str, model: str) -> None:
     """Project venv: write the dequantised model + tokenizer (``save_pretrained``) and the prompts' token ids."""
     from sb3_textrl.cli import packaged_prompts, read_prompts
-    from sb3_textrl.envs.text_generation import encode_prompt
-    from sb3_textrl.loading import load_causal_lm, load_tokenizer
+    from sb3_textrl.lm.loading import load_causal_lm, load_tokenizer
+    from sb3_textrl.lm.tokens import encode_prompt
 
     tokenizer = load_tokenizer(model)
     prompts = read_prompts(packaged_prompts("prompts_train.txt"), "--prompts")[:N_PROMPTS]
@@ -97,9 +97,9 @@ def run_ours(workdir: str, model: str, warmup: int, iterations: int, threads: in
     from stable_baselines3.common.callbacks import CallbackList
 
     import sb3_textrl  # noqa: F401  (registers the env and "LMPolicy")
-    from sb3_textrl.buffers import EpisodeRolloutBuffer
-    from sb3_textrl.callbacks import KLPenaltyCallback
-    from sb3_textrl.vec_env import make_text_vec_env
+    from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+    from sb3_textrl.common.callbacks import KLPenaltyCallback
+    from sb3_textrl.common.vec_env import make_text_vec_env
 
     gym.logger.min_level = 40
     if threads:

@@ -33,8 +33,8 @@ from _common import make_env
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
 
-from sb3_textrl.buffers import EpisodeRolloutBuffer
-from sb3_textrl.token_masks import last_token_index, position_ids
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+from sb3_textrl.lm.tokens import last_token_index, position_ids
 
 
 def peak_rss_gib() -> float:

@@ -8,7 +8,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from sb3_textrl.loading import eos_token_ids, load_config, load_tokenizer, logits_width
+from sb3_textrl.common.spaces import TokenObservationSpace
+from sb3_textrl.lm.loading import eos_token_ids, load_config, load_tokenizer, logits_width
+from sb3_textrl.lm.tokens import encode_prompt
 from sb3_textrl.rewards import (
     REWARD_REGISTRY,
     RewardFn,
@@ -19,18 +21,6 @@ from sb3_textrl.rewards import (
     score_tokens,
     term_scores,
 )
-from sb3_textrl.spaces import TokenObservationSpace
-
-
-def encode_prompt(tokenizer, prompt: str, use_chat_template: bool, system_prompt: str | None = None) -> list[int]:
-    """Token ids of a prompt, chat-formatted (with the generation prompt) when ``use_chat_template``."""
-    if use_chat_template:
-        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": prompt})
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer(prompt)["input_ids"]]
 
 
 class TextGenerationEnv(gym.Env[dict, int]):
@@ -45,7 +35,7 @@ class TextGenerationEnv(gym.Env[dict, int]):
     (``config.vocab_size``, which may exceed ``len(tokenizer)``).
 
     ## Observation Space
-    A :class:`~sb3_textrl.spaces.TokenObservationSpace`, a ``Dict`` of two int64 arrays of length
+    A :class:`~sb3_textrl.common.spaces.TokenObservationSpace`, a ``Dict`` of two int64 arrays of length
     ``max_length = max_prompt_length + max_new_tokens``:
 
     - ``input_ids``: the prompt (chat-formatted when the tokenizer has a chat template), left-padded to
@@ -63,9 +53,9 @@ class TextGenerationEnv(gym.Env[dict, int]):
     its own; EOS as ``""``) and the episode's return is the sum of the token rewards.
 
     With ``defer_scoring=True`` the environment does not score: the last step's reward is 0 and its ``info`` has
-    ``score_deferred=True``, for :class:`sb3_textrl.vec_env.BatchedRewardVecEnv`, which scores all the episodes that
+    ``score_deferred=True``, for :class:`sb3_textrl.common.vec_env.BatchedRewardVecEnv`, which scores all the episodes that
     end in the same vectorized step with one call and adds the scores to their rewards
-    (:func:`sb3_textrl.vec_env.make_text_vec_env` builds both).
+    (:func:`sb3_textrl.common.vec_env.make_text_vec_env` builds both).
 
     ## Starting State
     A prompt drawn uniformly from ``prompts`` with ``self.np_random`` (or chosen with
@@ -98,7 +88,7 @@ class TextGenerationEnv(gym.Env[dict, int]):
     - ``render_mode``: ``"ansi"`` (returns prompt and text so far) or ``"human"`` (prints it); other modes
       (SB3's ``make_vec_env`` asks for ``"rgb_array"``) render nothing.
     - ``reward_kwargs``: arguments of a named reward, e.g. ``reward_fn="bleu", reward_kwargs=dict(references=path)``.
-    - ``defer_scoring``: leave the scoring to :class:`sb3_textrl.vec_env.BatchedRewardVecEnv` (default False); the
+    - ``defer_scoring``: leave the scoring to :class:`sb3_textrl.common.vec_env.BatchedRewardVecEnv` (default False); the
       reward is then only checked here, not built, and may be ``None`` (the wrapper brings it).
 
     ## Version History
@@ -107,7 +97,7 @@ class TextGenerationEnv(gym.Env[dict, int]):
 
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
     #: the attributes that hold the episode in flight: checkpoints save them to resume mid-episode
-    #: (:mod:`sb3_textrl.checkpoints`); list any new per-episode attribute here
+    #: (:mod:`sb3_textrl.common.training_checkpoints`); list any new per-episode attribute here
     episode_state_attrs = ("_prompt_index", "_input_ids", "_attention_mask", "_generated", "_pieces", "_return", "_done")
 
     def __init__(

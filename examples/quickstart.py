@@ -4,7 +4,7 @@ import gymnasium as gym
 from stable_baselines3 import PPO
 
 import sb3_textrl
-from sb3_textrl.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
 
 env = gym.make(
     "sb3_textrl/TextGeneration-v0",

@@ -6,19 +6,18 @@ by name in PPO, A2C, REINFORCE and (when sb3-contrib is installed) TRPO.
 
 import sys
 
-from sb3_textrl import envs  # noqa: F401  (registers the environments)
-from sb3_textrl.buffers import EpisodeRolloutBuffer
-from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
-from sb3_textrl.checkpoints import AtomicCheckpointCallback, load_checkpoint, load_model
-from sb3_textrl.eval_callback import LMEvalCallback
-from sb3_textrl.kl import AdaptiveKLController, FixedKLController
+from sb3_textrl import _moved_modules, envs  # noqa: F401  (old import paths keep working; registers the environments)
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.callbacks import KLPenaltyCallback, LMEvalCallback, RolloutHistoryCallback
+from sb3_textrl.common.kl import AdaptiveKLController, FixedKLController
+from sb3_textrl.common.spaces import TokenObservationSpace
+from sb3_textrl.common.training_checkpoints import AtomicCheckpointCallback, load_checkpoint, load_model
+from sb3_textrl.common.validation import check_lm_setup
+from sb3_textrl.common.vec_env import make_text_vec_env
 from sb3_textrl.policies import CausalLMActorCriticPolicy, LMPolicy
 from sb3_textrl.registration import register_policy_alias
 from sb3_textrl.reinforce import REINFORCE
 from sb3_textrl.rewards import get_reward_fn
-from sb3_textrl.spaces import TokenObservationSpace
-from sb3_textrl.validation import check_lm_setup
-from sb3_textrl.vec_env import make_text_vec_env
 from sb3_textrl.version import __version__
 
 register_policy_alias()

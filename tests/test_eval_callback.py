@@ -8,8 +8,8 @@ import pytest
 from stable_baselines3 import PPO
 from stable_baselines3.common.logger import configure
 
-from sb3_textrl.eval_callback import LMEvalCallback, samples_markdown
-from sb3_textrl.evaluation import distinct_n, evaluate_prompts
+from sb3_textrl.common.callbacks import LMEvalCallback, samples_markdown
+from sb3_textrl.common.evaluation import distinct_n, evaluate_prompts
 
 
 def test_distinct_n_by_hand():

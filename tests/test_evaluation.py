@@ -8,7 +8,7 @@ from stable_baselines3 import PPO
 from transformers import AutoModelForCausalLM
 
 import sb3_textrl
-from sb3_textrl.evaluation import evaluate_prompts, generate_tokens, left_pad, sequence_log_prob
+from sb3_textrl.common.evaluation import evaluate_prompts, generate_tokens, left_pad, sequence_log_prob
 
 ENV_ID = "sb3_textrl/TextGeneration-v0"
 PROMPTS = ["Hi", "Write one sentence about rain.", "Write a short review of a cafe."]

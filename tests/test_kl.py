@@ -7,9 +7,9 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_textrl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
-from sb3_textrl.buffers import EpisodeRolloutBuffer
-from sb3_textrl.callbacks import RolloutHistoryCallback
-from sb3_textrl.kl import estimate_kl
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.callbacks import RolloutHistoryCallback
+from sb3_textrl.common.kl import estimate_kl
 
 
 def test_estimators_by_hand():

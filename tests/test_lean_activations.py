@@ -9,7 +9,7 @@ from test_prefix_sharing import SYSTEM_PROMPT, _env, _steps  # the same envs and
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from sb3_textrl.lean_activations import _GatedMLP, _RMSNorm, enable_lean_activations
+from sb3_textrl.lm.lean_activations import _GatedMLP, _RMSNorm, enable_lean_activations
 from sb3_textrl.policies import LMPolicy
 
 

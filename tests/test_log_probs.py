@@ -2,7 +2,7 @@ import pytest
 import torch as th
 from torch.distributions import Categorical
 
-from sb3_textrl.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
+from sb3_textrl.lm.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
 
 
 def test_equals_categorical_with_gradients():

@@ -10,7 +10,7 @@ from stable_baselines3 import PPO
 from transformers import AutoModelForCausalLM
 
 from sb3_textrl import KLPenaltyCallback
-from sb3_textrl.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
 
 peft = pytest.importorskip("peft")
 

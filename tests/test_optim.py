@@ -5,7 +5,7 @@ import torch as th
 from stable_baselines3 import PPO
 from test_policy import make_env
 
-from sb3_textrl.optim import allocate_adam_state, release_unstepped_adam_state
+from sb3_textrl.lm.optim import allocate_adam_state, release_unstepped_adam_state
 
 
 def _params(seed: int = 0) -> list[th.nn.Parameter]:

@@ -9,8 +9,8 @@ import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_textrl import packing
+from sb3_textrl.lm.prefix_sharing import prefix_cache, shared_prefix_length, split_prefix
 from sb3_textrl.policies import LMPolicy
-from sb3_textrl.prefix_sharing import prefix_cache, shared_prefix_length, split_prefix
 
 SYSTEM_PROMPT = "You are a helpful assistant who writes short sentences."
 # prompts with a long common opening, so that the LMs without a chat template (GPT-2) share a prefix too

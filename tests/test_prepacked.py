@@ -4,7 +4,7 @@ from test_policy import collect_episodes, fresh_distribution, make_env, make_pol
 from transformers import AutoModelForCausalLM
 
 from sb3_textrl import prepacked
-from sb3_textrl.prepacked import PrepackedLinears, packable_linears
+from sb3_textrl.lm.weight_prepacking import PrepackedLinears, packable_linears
 
 pytestmark = pytest.mark.skipif(not packable_linears(th.nn.Linear(2, 2)), reason="this PyTorch has no oneDNN linear ops")
 

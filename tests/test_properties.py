@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-from sb3_textrl.envs.text_generation import TextGenerationEnv, encode_prompt
-from sb3_textrl.loading import eos_token_ids, load_tokenizer
+from sb3_textrl.envs.text_generation import TextGenerationEnv
+from sb3_textrl.lm.loading import eos_token_ids, load_tokenizer
+from sb3_textrl.lm.tokens import encode_prompt
 
 CONTEXT = 256  # the tiny tokenizers' model_max_length
 VOCAB = 300

@@ -10,7 +10,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 import sb3_textrl
 from sb3_textrl import REINFORCE, LMPolicy
-from sb3_textrl.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
 from sb3_textrl.reinforce import incomplete_episode_mask
 
 REWARDS = np.array([1.0, -0.5, 2.0])

@@ -13,9 +13,9 @@ from stable_baselines3.common.logger import KVWriter, Logger
 from transformers import AutoModelForCausalLM
 
 import sb3_textrl
-from sb3_textrl.buffers import EpisodeRolloutBuffer
-from sb3_textrl.callbacks import KLPenaltyCallback, RolloutHistoryCallback
-from sb3_textrl.spaces import TokenObservationSpace
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.callbacks import KLPenaltyCallback, RolloutHistoryCallback
+from sb3_textrl.common.spaces import TokenObservationSpace
 
 ENV_ID = "sb3_textrl/TextGeneration-v0"
 PROMPTS = ["Hi", "Write one sentence about rain.", "Write a short review of a cafe."]

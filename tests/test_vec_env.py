@@ -16,8 +16,8 @@ from stable_baselines3.common.vec_env import SubprocVecEnv, VecMonitor, unwrap_v
 from transformers import AutoTokenizer
 
 import sb3_textrl  # noqa: F401  (registers the env)
+from sb3_textrl.common.vec_env import BatchedRewardVecEnv, make_text_vec_env
 from sb3_textrl.rewards import CombinedReward, RewardError, per_token_reward
-from sb3_textrl.vec_env import BatchedRewardVecEnv, make_text_vec_env
 
 ENV_ID = "sb3_textrl/TextGeneration-v0"
 PROMPTS = ["Hi", "Write one sentence about rain.", "Write a short review of a cafe."]

@@ -19,7 +19,7 @@ optuna = pytest.importorskip("optuna")
 from stable_baselines3 import PPO  # noqa: E402
 
 from sb3_textrl import zoo  # noqa: E402
-from sb3_textrl.buffers import EpisodeRolloutBuffer  # noqa: E402
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer  # noqa: E402
 from sb3_textrl.policies import CausalLMActorCriticPolicy  # noqa: E402
 
 HYPERPARAMS = Path(__file__).resolve().parents[1] / "examples" / "hyperparams"
@@ -113,7 +113,7 @@ def test_hooks():
     assert zoo.is_lm_policy(CausalLMActorCriticPolicy) and not zoo.is_lm_policy("MlpPolicy")
 
     hyperparams = zoo.resolve_rollout_buffer(
-        {"rollout_buffer_class": "sb3_textrl.buffers.EpisodeRolloutBuffer", "rollout_buffer_kwargs": "dict(gamma=1.0)"}
+        {"rollout_buffer_class": "sb3_textrl.common.buffers.EpisodeRolloutBuffer", "rollout_buffer_kwargs": "dict(gamma=1.0)"}
     )
     assert hyperparams == {"rollout_buffer_class": EpisodeRolloutBuffer, "rollout_buffer_kwargs": {"gamma": 1.0}}
 

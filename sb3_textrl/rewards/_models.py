@@ -7,7 +7,7 @@ import os
 
 import torch as th
 
-from sb3_textrl.loading import _load, load_tokenizer, model_name, resolve_model
+from sb3_textrl.lm.loading import _load, load_tokenizer, model_name, resolve_model
 
 
 def check_batching(batch_size: int, max_length: int | None = None) -> None:
@@ -45,7 +45,7 @@ def load_pretrained(loader_name: str, model_name_or_path: str | os.PathLike, dev
     every environment that builds the same reward by name shares it.
 
     :param loader_name: a ``transformers`` auto class, e.g. ``"AutoModelForSequenceClassification"``
-    :param model_name_or_path: a local directory (see :func:`sb3_textrl.loading.resolve_model`); never downloaded
+    :param model_name_or_path: a local directory (see :func:`sb3_textrl.lm.loading.resolve_model`); never downloaded
     :param device: where to put the weights
     :return: the model and its tokenizer (which pads with EOS when it has no pad token)
     """

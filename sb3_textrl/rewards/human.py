@@ -119,7 +119,7 @@ class TerminalRater:
     For each completion of a batch it prints the prompt and the completion, then reads a number in ``[low, high]``
     (asking again after anything else). A pair already rated in this process is not asked again. With
     ``record_path``, each rating is appended to a JSONL file that :class:`HumanRatings` reads, so that a later run can
-    reuse them. Use it with :func:`~sb3_textrl.vec_env.make_text_vec_env`, so that the batch is rated in the main
+    reuse them. Use it with :func:`~sb3_textrl.common.vec_env.make_text_vec_env`, so that the batch is rated in the main
     process, and with few steps: every episode waits for a person.
 
     Range: ``[low, high]`` (default [-1, 1]). Batching: one prompt per completion, in order.

@@ -33,7 +33,7 @@ class LMLikelihood(ModelBackedReward):
     Registered as ``"lm_likelihood"``.
 
     :param model_name_or_path: the scorer LM: an alias, a ``.gguf`` file or a local ``save_pretrained`` directory
-        (see :func:`sb3_textrl.loading.resolve_model`); often the policy's initial model
+        (see :func:`sb3_textrl.lm.loading.resolve_model`); often the policy's initial model
     :param output: ``"mean_log_prob"`` or ``"neg_perplexity"``
     :param append_eos: also score the scorer's EOS token after each completion
     :param use_chat_template: format the prompt with the scorer's chat template (default: when it has one)
@@ -91,7 +91,7 @@ class LMLikelihood(ModelBackedReward):
 
     def _row(self, prompt: str, completion: str) -> tuple[list[int], int]:
         """Token ids of prompt + completion, and the number of scored (completion) tokens at the end."""
-        from sb3_textrl.envs.text_generation import encode_prompt  # the env imports this package
+        from sb3_textrl.lm.tokens import encode_prompt
 
         prompt_ids = encode_prompt(self.tokenizer, prompt, self.use_chat_template, self.system_prompt)
         completion_ids = [int(i) for i in self.tokenizer(completion, add_special_tokens=False)["input_ids"]]

@@ -7,7 +7,7 @@ fast the matrix library streams the weights. MKL's ``linear`` kernel streams the
 (the ops PyTorch's Inductor uses when it freezes a CPU model), runs the MLP matrices of SmolLM2-135M ~1.4-1.9x faster
 for 8 rows, and its LM head ~2x. The copy costs a reorder (~0.2 s for SmolLM2's 0.30 GB of MLP and 0.11 GB of head
 weights) after each change of the weights, and that much memory while a rollout runs: the policy frees its gradients
-after each optimizer step, and its :class:`~sb3_textrl.kv_cache.RolloutKVCache` drops the copy when training starts,
+after each optimizer step, and its :class:`~sb3_textrl.lm.kv_cache.RolloutKVCache` drops the copy when training starts,
 so the copy takes the gradients' place. Results equal ``linear``'s up to float32 rounding (a different order of
 summation).
 """

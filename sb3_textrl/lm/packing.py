@@ -18,8 +18,8 @@ import itertools
 import torch as th
 from transformers import PreTrainedModel
 
-from sb3_textrl.kv_cache import packed_attention, packed_attention_mask
-from sb3_textrl.prefix_sharing import attended_spans, make_cache, prefix_cache, split_prefix
+from sb3_textrl.lm.attention import packed_attention, packed_attention_mask
+from sb3_textrl.lm.prefix_sharing import attended_spans, make_cache, prefix_cache, split_prefix
 
 # tokens per packed row (a longer row gets a packed row of its own)
 MAX_PACKED_TOKENS = 256
@@ -147,7 +147,7 @@ def forward_packed(
     :param read_rows: ``(n,)`` int64, the rows to read
     :param read_columns: ``(n,)`` int64, the columns to read (attended, past the shared prefix); a group's opening
         stops before the first column read in each of its rows
-    :param p: the number of opening tokens all rows share (:func:`~sb3_textrl.prefix_sharing.shared_prefix_length`):
+    :param p: the number of opening tokens all rows share (:func:`~sb3_textrl.lm.prefix_sharing.shared_prefix_length`):
         they open every packed row, or, if longer than :func:`prefix_leads` allows, run once apart; 0: none
     :param max_tokens: tokens per packed row (default :data:`MAX_PACKED_TOKENS`)
     :param share_openings: run the common opening of rows that open alike once (else every row runs all its tokens)

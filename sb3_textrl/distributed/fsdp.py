@@ -89,8 +89,8 @@ def check_fsdp_policy(policy: nn.Module) -> None:
 class ShardedPolicy:
     """
     An ``LMPolicy`` wrapped in place with FSDP2 (``fully_shard``) for data-parallel PPO: gradients and Adam state
-    sharded, full parameters between updates (see :mod:`sb3_textrl.fsdp`). All ranks must build it at the same point,
-    from identical weights (broadcast them first).
+    sharded, full parameters between updates (see :mod:`sb3_textrl.distributed.fsdp`). All ranks must build it at the
+    same point, from identical weights (broadcast them first).
 
     The policy keeps its class and its attributes; its trainable parameters become ``DTensor`` shards while gradients
     are reduced and the optimizer steps, and its optimizer (``policy.optimizer``) is replaced by one of the same class

@@ -122,7 +122,7 @@ def _resolve_model(name: str) -> ModelLocation:
         f"`model_name_or_path={name!r}` is neither a known alias ({sorted(MODEL_ALIASES)}) nor an existing file or directory. "
         "Models are never downloaded: pass a local directory written by `save_pretrained`, a .gguf file, or an alias. "
         "(Loading a saved SB3 model whose LM has moved? Pass the new location: "
-        "`sb3_textrl.checkpoints.load_model(path, model_name_or_path=NEW_LOCATION)`.)"
+        "`sb3_textrl.common.training_checkpoints.load_model(path, model_name_or_path=NEW_LOCATION)`.)"
     )
 
 

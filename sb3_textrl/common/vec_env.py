@@ -7,7 +7,7 @@ batching. With ``defer_scoring=True`` the environments only report the finished 
 their ``VecEnv``, scores them together in the main process::
 
     from stable_baselines3 import PPO
-    from sb3_textrl.vec_env import make_text_vec_env
+    from sb3_textrl.common.vec_env import make_text_vec_env
 
     env = make_text_vec_env(n_envs=8, seed=0, env_kwargs=dict(model_name_or_path=path, prompts=prompts,
                                                               reward_fn="reward_model",
@@ -71,7 +71,7 @@ class BatchedRewardVecEnv(VecEnvWrapper):
         if not all(deferred):
             raise ValueError(
                 "BatchedRewardVecEnv needs environments that leave the scoring to it: build them with defer_scoring=True "
-                "in `env_kwargs` (or use sb3_textrl.vec_env.make_text_vec_env), else every episode would be scored twice."
+                "in `env_kwargs` (or use sb3_textrl.make_text_vec_env), else every episode would be scored twice."
             )
         if reward_fn is None:
             reward_fn, reward_kwargs = (

@@ -14,7 +14,7 @@ import torch as th
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from sb3_textrl.checkpointing import paused
+from sb3_textrl.lm.activation_checkpointing import paused
 
 # shorter shared prefixes are not worth a second forward call
 MIN_PREFIX_LENGTH = 8
@@ -40,7 +40,7 @@ def make_cache(layers: list[tuple[th.Tensor, th.Tensor]], read_only: bool = Fals
 
     :param layers: per layer, keys and values ``(batch, kv_heads, length, head_dim)``
     :param read_only: forward passes read the cache but never extend it, so the same pass run twice (as a
-        checkpointed layer is, see :mod:`sb3_textrl.checkpointing`) sees the same keys
+        checkpointed layer is, see :mod:`sb3_textrl.lm.activation_checkpointing`) sees the same keys
     :param batch: expand one-row keys and values to this many rows (views, not copies); ``None``: as given
     """
     cache = DynamicCache()

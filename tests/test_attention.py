@@ -6,7 +6,7 @@ import pytest
 import torch as th
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sb3_textrl.kv_cache import packed_attention_mask, packed_sdpa_attention
+from sb3_textrl.lm.attention import packed_attention_mask, packed_sdpa_attention
 
 
 def test_packed_mask_by_hand():
@@ -74,8 +74,8 @@ def test_layers_keep_one_attention_mask_for_backward():
 
 
 def test_row_without_tokens_is_refused(tiny_llama_path):
-    from sb3_textrl.kv_cache import RolloutKVCache
-    from sb3_textrl.loading import load_causal_lm
+    from sb3_textrl.lm.kv_cache import RolloutKVCache
+    from sb3_textrl.lm.loading import load_causal_lm
 
     cache = RolloutKVCache(load_causal_lm(tiny_llama_path))
     ids = th.tensor([[0, 5, 6], [0, 0, 0]])

@@ -9,7 +9,7 @@ import os
 def plot_rollout_history(history: list[dict[str, float]], path: str, title: str = "") -> str:
     """
     Draw the mean score and the KL to the reference model per rollout (see
-    :class:`~sb3_textrl.callbacks.RolloutHistoryCallback`) into a PNG file.
+    :class:`~sb3_textrl.common.callbacks.RolloutHistoryCallback`) into a PNG file.
 
     :return: ``path``
     """

@@ -6,7 +6,7 @@ Memory Cost"): the activations of a minibatch shrink from ~1.5 MB to ~0.07 MB pe
 forward pass of compute. Three things keep it exact with this package's training passes:
 
 - the shared prefix's keys and values reach the layers in a cache that is only read
-  (:func:`~sb3_textrl.prefix_sharing.make_cache` with ``read_only=True``), so a
+  (:func:`~sb3_textrl.lm.prefix_sharing.make_cache` with ``read_only=True``), so a
   layer recomputed in the backward pass sees the same keys as in the forward pass (transformers drops any other
   cache under checkpointing);
 - the recomputation runs the attention implementation the forward pass ran (packed passes switch it for their

@@ -9,11 +9,10 @@ import numpy as np
 import torch as th
 from transformers import PreTrainedModel
 
-from sb3_textrl.envs.text_generation import encode_prompt
-from sb3_textrl.loading import eos_token_ids
+from sb3_textrl.lm.loading import eos_token_ids
+from sb3_textrl.lm.tokens import encode_prompt, position_ids
 from sb3_textrl.policies import CausalLMActorCriticPolicy
 from sb3_textrl.rewards import RewardFn, get_reward_fn, is_per_token, score_completions
-from sb3_textrl.token_masks import position_ids
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[th.Tensor, th.Tensor]:
@@ -57,7 +56,7 @@ def generate_tokens(
         pad_token_id=pad_token_id,
         use_cache=True,
         # one rank generates alone (rank 0 evaluates): transformers would otherwise make every step a collective
-        # when the LM is FSDP-wrapped (`sb3_textrl.fsdp`)
+        # when the LM is FSDP-wrapped (`sb3_textrl.distributed.fsdp`)
         synced_gpus=False,
     )
     completions = []

@@ -9,10 +9,10 @@ Of the ~1.6 MB per token that SmolLM2-135M's stock layers keep for backward (flo
 gradient: ~23 % of the activations. Each RMSNorm (Zhang & Sennrich 2019) keeps its input and its normalised input;
 here its input only (~9 %). Where the post-attention norm made the MLP's input, the MLP does not keep that either:
 it recomputes it in backward from the norm's input, which the norm keeps anyway (~7 %). Measured on SmolLM2's shapes
-(2 packed rows of 180 tokens through :func:`~sb3_textrl.packing.forward_packed`, attention masks shared by the
+(2 packed rows of 180 tokens through :func:`~sb3_textrl.lm.packing.forward_packed`, attention masks shared by the
 layers): 509 MB kept for backward by the stock layers, 301 MB here. No matrix product is recomputed (unlike
-activation checkpointing, see :mod:`sb3_textrl.checkpointing`), so the update's time barely moves; the results equal
-the stock layers' up to float rounding, and the backward passes are differentiable again (TRPO's Hessian-vector
+activation checkpointing, see :mod:`sb3_textrl.lm.activation_checkpointing`), so the update's time barely moves; the
+results equal the stock layers' up to float rounding, and the backward passes are differentiable again (TRPO's Hessian-vector
 products).
 
 A layer is switched over only where its stock forward, probed once on random inputs with its own weights, gives this

@@ -18,7 +18,7 @@ from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
 
-from sb3_textrl.loading import load_tokenizer
+from sb3_textrl.lm.loading import load_tokenizer
 
 
 def check_rollout_size(

@@ -12,12 +12,10 @@ from __future__ import annotations
 import contextlib
 
 import torch as th
-import torch.nn.functional as F
-from torch.utils.weak import WeakTensorKeyDictionary
-from transformers import AttentionInterface, DynamicCache, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import DynamicCache, PreTrainedModel
 
-from sb3_textrl.prefix_sharing import (
+from sb3_textrl.lm.attention import packed_attention, packed_attention_mask
+from sb3_textrl.lm.prefix_sharing import (
     cache_layers,
     forward_suffixes,
     make_cache,
@@ -25,8 +23,8 @@ from sb3_textrl.prefix_sharing import (
     shared_prefix_length,
     split_prefix,
 )
-from sb3_textrl.prepacked import PrepackedLinears
-from sb3_textrl.token_masks import last_token_index
+from sb3_textrl.lm.tokens import last_token_index, right_align
+from sb3_textrl.lm.weight_prepacking import PrepackedLinears
 
 # new rows remembered per weights version (SmolLM2: ~45 KiB per token of a row's own keys and values)
 _MAX_ROWS_SEEN = 256
@@ -34,109 +32,6 @@ _MAX_ROWS_SEEN = 256
 _MIN_COLUMNS_DROPPED = 256
 # new rows with more tokens than this run as a padded batch (attention sum(L^2)), not packed ((sum L)^2)
 _MAX_PACKED_PREFILL = 256
-
-
-def right_align(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-    """Roll each row so that its last attended token is in the last column (keeps the mask's holes)."""
-    width = input_ids.shape[1]
-    positions = th.arange(width, device=input_ids.device)
-    last = last_token_index(attention_mask)
-    index = (positions[None, :] - (width - 1 - last[:, None])) % width
-    return input_ids.gather(1, index), attention_mask.gather(1, index)
-
-
-# per boolean mask (one per forward, passed to every layer): its additive form, tiled over the n_rep query blocks
-_ADDITIVE_MASKS = WeakTensorKeyDictionary()
-
-
-def _additive_mask(attention_mask: th.Tensor, n_rep: int, dtype: th.dtype) -> th.Tensor:
-    """
-    ``attention_mask`` tiled over ``n_rep`` blocks of query rows and, if boolean, made additive (0 or ``-inf``, as SDPA
-    makes it itself): built once per mask and reused by every layer. SDPA keeps the mask it gets for backward, so a
-    converted copy per layer would keep one per layer (3 x 256 x 4 bytes per token and layer on SmolLM2: ~9 % of a
-    training forward's activations); this one is kept once.
-    """
-    if n_rep == 1 and attention_mask.dtype != th.bool:
-        return attention_mask  # as it is (and not cached: the entry would keep its own key alive)
-    entry = _ADDITIVE_MASKS.get(attention_mask)
-    if entry is not None and entry[0] == (n_rep, dtype):
-        return entry[1]
-    mask = attention_mask.repeat(1, 1, n_rep, 1) if n_rep > 1 else attention_mask
-    if mask.dtype == th.bool:
-        mask = th.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    _ADDITIVE_MASKS[attention_mask] = ((n_rep, dtype), mask)
-    return mask
-
-
-def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """
-    Scaled dot-product attention over the packed cache, for grouped-query attention without copies of the keys and
-    values: the ``n_rep`` query heads that read one key/value head run as ``n_rep`` blocks of query rows of that head
-    (transformers' own SDPA path repeats the whole cache per query head whenever a mask is given).
-
-    :param query: ``(batch, heads, n_queries, head_dim)``
-    :param key: ``(batch, kv_heads, n_keys, head_dim)``, and ``value`` alike
-    :param attention_mask: ``(batch, 1, n_queries, n_keys)`` boolean (True: attend)
-    :return: ``(batch, n_queries, heads, head_dim)`` and ``None`` (no attention weights), as transformers' attention
-        functions return
-    """
-    if dropout or any(kwargs.get(name) is not None for name in ("softcap", "sliding_window", "s_aux", "position_bias")):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    batch, heads, length, dim = query.shape
-    n_rep = heads // key.shape[1]
-    # query head h reads key/value head h // n_rep (transformers' repeat_kv order)
-    query = query.reshape(batch, key.shape[1], n_rep * length, dim)
-    mask = _additive_mask(attention_mask, n_rep, query.dtype)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
-
-
-PACKED_ATTENTION = "sb3_textrl_packed_sdpa"
-AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-
-
-@contextlib.contextmanager
-def packed_attention(lm: PreTrainedModel):
-    """Within the block, the LM's attention layers run :func:`packed_sdpa_attention` (text-only configs)."""
-    config = lm.config
-    previous = config._attn_implementation
-    if config.sub_configs:  # a composite model: leave its per-part settings alone
-        yield previous
-        return
-    config._attn_implementation = PACKED_ATTENTION
-    try:
-        yield PACKED_ATTENTION
-    finally:
-        config._attn_implementation = previous
-
-
-def packed_attention_mask(
-    key_segment: th.Tensor,
-    key_position: th.Tensor,
-    query_segments: th.Tensor,
-    query_position: th.Tensor,
-    attention: str = PACKED_ATTENTION,
-    dtype: th.dtype = th.float32,
-) -> th.Tensor:
-    """
-    The 4D attention mask of queries over packed columns: a query sees the columns of its segments at positions up to
-    its own (causal within a row; a shared prefix is a segment of its own that several rows see).
-
-    :param key_segment: ``(n_keys,)`` int64, segment of each key column
-    :param key_position: ``(n_keys,)`` int64, position id of each key column
-    :param query_segments: ``(n_queries, k)`` int64, the segments a query sees (its row's own, its prefix's, ...)
-    :param query_position: ``(n_queries,)`` int64
-    :param attention: the attention implementation that reads the mask
-    :param dtype: the dtype of an additive mask (``"eager"`` attention)
-    :return: ``(1, 1, n_queries, n_keys)``: boolean (True: attend), or for ``"eager"`` additive, 0 or ``dtype``'s minimum
-    """
-    allowed = (key_segment[None, :, None] == query_segments[:, None, :]).any(dim=2)
-    allowed &= key_position[None, :] <= query_position[:, None]
-    if attention == "eager":  # adds the mask to the attention scores
-        return th.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, th.finfo(dtype).min)[
-            None, None
-        ]
-    return allowed[None, None]
 
 
 def _copy_columns(layers: list[tuple[th.Tensor, th.Tensor]], row: int, columns: slice) -> list[tuple[th.Tensor, th.Tensor]]:
@@ -156,7 +51,7 @@ class RolloutKVCache:
     sequence of observations: a row whose tokens do not extend the cached ones is recomputed.
 
     New rows run only what follows the opening tokens that all current observations share (a chat template's system
-    prompt; :mod:`sb3_textrl.prefix_sharing`): the prefix is one segment, computed once per weights version, that the
+    prompt; :mod:`sb3_textrl.lm.prefix_sharing`): the prefix is one segment, computed once per weights version, that the
     rows see besides their own; each distinct new row is also computed once per weights version (an env restarting on
     a prompt already seen costs no forward: its keys and values are copied into the cache).
 
@@ -216,8 +111,8 @@ class RolloutKVCache:
         :param attention_mask: ``(batch, max_length)`` int64
         :param prefix_sharing: new rows run only what follows the opening tokens all observations share
         :param prepacked_weights: from the second forward under the same weights on, run the MLP layers on prepacked
-            copies of their weights, and pack the LM head's for ``self.linears.logits`` (:mod:`sb3_textrl.prepacked`;
-            CPU, float32)
+            copies of their weights, and pack the LM head's for ``self.linears.logits``
+            (:mod:`sb3_textrl.lm.weight_prepacking`; CPU, float32)
         :return: ``(batch, hidden_size)``
         :raises ValueError: if a row attends to no token
         """

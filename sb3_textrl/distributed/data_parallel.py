@@ -21,7 +21,7 @@ Different episodes per rank: :func:`rank_seed` offsets the seed by ``rank * n_en
 gets the seed a single process with ``world_size * n_envs`` environments would give its environment ``r * n_envs + i``.
 
 FSDP mode (``prepare_model(model, fsdp=True)``, ``sb3-textrl train --fsdp``): the gradients and the Adam state are
-sharded across the ranks instead (:mod:`sb3_textrl.fsdp`).
+sharded across the ranks instead (:mod:`sb3_textrl.distributed.fsdp`).
 
 Launch: ``torchrun --nproc_per_node 2 -m sb3_textrl train ...`` (see ``docs/distributed.md``).
 """
@@ -44,9 +44,9 @@ from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
 from stable_baselines3.common.utils import set_random_seed
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from sb3_textrl.buffers import EpisodeRolloutBuffer
-from sb3_textrl.callbacks import EpisodeScores, KLPenaltyCallback, RolloutHistoryCallback
-from sb3_textrl.fsdp import ShardedPolicy, check_fsdp_policy
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.callbacks import EpisodeScores, KLPenaltyCallback, RolloutHistoryCallback
+from sb3_textrl.distributed.fsdp import ShardedPolicy, check_fsdp_policy
 
 _owned_group = [False]  # whether setup_distributed() initialised the process group
 
@@ -258,7 +258,7 @@ def split_minibatches(batches: list[list[np.ndarray]], n_batches: int) -> list[n
 
 class DistributedEpisodeRolloutBuffer(EpisodeRolloutBuffer):
     """
-    An :class:`~sb3_textrl.buffers.EpisodeRolloutBuffer` that yields the same number of minibatches on every rank.
+    An :class:`~sb3_textrl.common.buffers.EpisodeRolloutBuffer` that yields the same number of minibatches on every rank.
 
     Episodes are packed as in the parent class (whole episodes, random order, at most ``batch_size`` steps); the ranks
     then agree on the largest count (an all-reduce, once per ``get()``), and a rank with fewer minibatches splits its
@@ -296,8 +296,8 @@ class DistributedCallback(BaseCallback):
     """
     Keep the ranks of a data-parallel run in step: the KL controller, the rollout history and stopping.
 
-    At the end of each rollout (place it after the :class:`~sb3_textrl.callbacks.KLPenaltyCallback` and the
-    :class:`~sb3_textrl.callbacks.RolloutHistoryCallback`), it sums the KL and the episode counts over the ranks, puts
+    At the end of each rollout (place it after the :class:`~sb3_textrl.common.callbacks.KLPenaltyCallback` and the
+    :class:`~sb3_textrl.common.callbacks.RolloutHistoryCallback`), it sums the KL and the episode counts over the ranks, puts
     the controller back to its state at the start of the rollout and updates it with the global mean KL per episode
     and the global number of episodes: ``kl_coef`` stays identical on all ranks, as in one process running all the
     episodes. The history's last entry gets the global KL, score and episode count.
@@ -305,8 +305,8 @@ class DistributedCallback(BaseCallback):
     :meth:`request_stop` (e.g. from a SIGINT handler, on any rank) stops all ranks together at the same step: the ranks
     compare their stop flags (one all-reduce of one number) every ``stop_check_every`` steps of a rollout, counted from
     its start, so they agree on where to stop; ``stop_callback.request_stop()`` is then called on rank 0 (an
-    :class:`~sb3_textrl.checkpoints.AtomicCheckpointCallback` placed after this callback, which keeps the last rollout
-    boundary to resume from), and ``stopped`` is set.
+    :class:`~sb3_textrl.common.training_checkpoints.AtomicCheckpointCallback` placed after this callback, which keeps
+    the last rollout boundary to resume from), and ``stopped`` is set.
 
     :param kl_callback: the run's KL penalty callback
     :param history: the run's rollout history callback
@@ -399,13 +399,13 @@ def prepare_model(model: BaseAlgorithm, fsdp: bool = False) -> GradientAverager 
 
     A no-op (``None``) without a process group of more than one rank.
 
-    :param fsdp: shard the gradients and the optimizer state across the ranks with FSDP2 (:mod:`sb3_textrl.fsdp`)
+    :param fsdp: shard the gradients and the optimizer state across the ranks with FSDP2 (:mod:`sb3_textrl.distributed.fsdp`)
         instead of keeping a full replica of them on each rank
     :return: the :class:`GradientAverager` (``.remove()`` undoes the hooks), or with ``fsdp`` the
-        :class:`~sb3_textrl.fsdp.ShardedPolicy` (its ``full_state_dict()`` gathers the weights to save)
+        :class:`~sb3_textrl.distributed.fsdp.ShardedPolicy` (its ``full_state_dict()`` gathers the weights to save)
     :raises ValueError: for ``target_kl`` (its early stop differs between ranks), a rollout buffer whose minibatch
         count may differ between ranks, or with ``fsdp`` a policy FSDP mode refuses
-        (:func:`~sb3_textrl.fsdp.check_fsdp_policy`)
+        (:func:`~sb3_textrl.distributed.fsdp.check_fsdp_policy`)
     """
     if world_size() <= 1:
         return None
