@@ -11,7 +11,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_textrl  # noqa: F401  (registers the env and "LMPolicy")
-from sb3_textrl.cli import packaged_prompts, read_prompts
+from sb3_textrl.envs.prompts import packaged_prompts, read_prompts
 
 
 def make_env(model: str, n_envs: int, max_new_tokens: int, n_prompts: int | None = None) -> VecEnv:

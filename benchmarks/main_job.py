@@ -3,11 +3,11 @@
 it and with its speed-ups off, measured one after the other in one run.
 
     python benchmarks/main_job.py                        # library and flags-off, 1 warm-up + 2 timed iterations each
-    python benchmarks/main_job.py --only library naive   # naive needs more than this machine's 24 GiB (see below)
+    python benchmarks/main_job.py --only library naive   # naive may be killed for memory (see below)
 
 The settings (each in its own process, so peak RSS is its own):
 
-- ``library``: the main job as ``sb3-textrl train`` builds it (``sb3_textrl.cli.make_model``).
+- ``library``: the main job as ``sb3-textrl train`` builds it (``sb3_textrl.config.make_model``).
 - ``flags-off``: the same, with the KV cache, prefix sharing, packing, prepacked weights and lean activations off,
   and SB3's stock ``DictRolloutBuffer`` (shuffled single steps) instead of the episode buffer. Training still runs one
   forward per group of observations that one covers (:func:`sb3_textrl.policies.covering_rows`), and the other
@@ -15,13 +15,13 @@ The settings (each in its own process, so peak RSS is its own):
   policy.
 - ``naive``: ``flags-off`` with one row per observation as well, as issue 6 describes a naive env + policy: every
   rollout step re-reads prompt + generated text, and every (prefix, action) sample of a minibatch is its own row of
-  the forward pass. At the main job's minibatch of 192 samples that is ~12k tokens of activations (>20 GiB): on a
-  24 GiB machine it is killed for memory in its first ``train()``, and the table says so.
+  the forward pass. At the main job's minibatch of 192 samples that is ~12k tokens of activations: where they do not
+  fit in memory it is killed in its first ``train()``, and the table says so.
 
 An iteration is one rollout start to the next inside ``learn()`` (rollout with VADER scoring, the KL callback's
 reference pass, ``train()``, SB3's logging); the first ``--warmup`` iterations are dropped. The table gives the
-median iteration and how many such iterations fit in the main job's 15 minutes. This machine's speed drifts by 20 %
-and more over minutes, so compare settings within one run only.
+median iteration and how many such iterations fit in the main job's 15 minutes. A machine's speed can drift over
+minutes, so compare settings within one run only.
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from _common import IterationTimer
 from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.callbacks import CallbackList
 
-from sb3_textrl import cli, policies
+from sb3_textrl import policies
 from sb3_textrl.common.callbacks import KLPenaltyCallback
+from sb3_textrl.config import TrainConfig, make_env, make_model
+from sb3_textrl.envs.prompts import read_prompts
 
 SETTINGS = ("library", "flags-off", "naive")
 BUDGET_SECONDS = 15 * 60  # the main job's training budget
@@ -52,18 +54,18 @@ def one_row_per_observation(input_ids: th.Tensor, attention_mask: th.Tensor) -> 
 
 
 def run_setting(setting: str, model_name: str, warmup: int, iterations: int) -> dict:
-    args = cli.build_parser().parse_args(["train", "--model", model_name])
-    prompts = cli.read_prompts(args.prompts, "--prompts")
-    env = cli.make_env(args, prompts, seed=args.seed)
+    config = TrainConfig(model=model_name)  # sb3-textrl train --model MODEL_NAME
+    prompts = read_prompts(config.prompts, "--prompts")
+    env = make_env(config, prompts, seed=config.seed)
     overrides = {}
     if setting != "library":
         off = dict(use_kv_cache=False, prefix_sharing=False, packing=False, prepacked_weights=False, lean_activations=False)
         overrides = dict(rollout_buffer_class=DictRolloutBuffer, policy_kwargs=off)
     if setting == "naive":
         policies.covering_rows = one_row_per_observation
-    model = cli.make_model(args, env, seed=args.seed, device="cpu", **overrides)
+    model = make_model(config, env, seed=config.seed, device="cpu", **overrides)
     timer = IterationTimer()
-    kl_callback = KLPenaltyCallback(kl_coef=args.kl_coef, estimator=args.kl_estimator)
+    kl_callback = KLPenaltyCallback(kl_coef=config.kl_coef, estimator=config.kl_estimator)
     model.learn((warmup + iterations) * model.n_steps * model.n_envs, callback=CallbackList([kl_callback, timer]))
     return {
         "setting": setting,

@@ -74,7 +74,7 @@ def report(side: str, seconds: list[float], warmup: int, **extra) -> None:
 
 def prepare(workdir: str, model: str) -> None:
     """Project venv: write the dequantised model + tokenizer (``save_pretrained``) and the prompts' token ids."""
-    from sb3_textrl.cli import packaged_prompts, read_prompts
+    from sb3_textrl.envs.prompts import packaged_prompts, read_prompts
     from sb3_textrl.lm.loading import load_causal_lm, load_tokenizer
     from sb3_textrl.lm.tokens import encode_prompt
 

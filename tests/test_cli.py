@@ -8,7 +8,8 @@ import torch as th
 from stable_baselines3 import PPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sb3_textrl.cli import build_parser, main, packaged_prompts, read_prompts
+from sb3_textrl.cli import build_parser, main
+from sb3_textrl.envs.prompts import packaged_prompts, read_prompts
 
 
 def test_train_help():

@@ -143,7 +143,7 @@ def _worker(rank: int, tmp_path: str, model_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, tiny_llama_path):
-    """One 2-rank run (spawning costs ~20 s): the buffer check, then ``sb3-textrl train`` for 2 PPO iterations."""
+    """One 2-rank run (spawned once for the module): the buffer check, then ``sb3-textrl train`` for 2 PPO iterations."""
     tmp_path = tmp_path_factory.mktemp("distributed")
     _spawn(_worker, tmp_path, tiny_llama_path)
     return tmp_path
@@ -324,7 +324,7 @@ def test_fsdp_saved_model_loads_in_one_process(fsdp_run):
 
 
 def test_fsdp_refusals(tiny_llama_path):
-    from sb3_textrl import cli
+    from sb3_textrl import cli, config
     from sb3_textrl.distributed.fsdp import check_fsdp_policy
 
     model = _ppo(tiny_llama_path, 0, prefix_sharing=True)
@@ -332,10 +332,10 @@ def test_fsdp_refusals(tiny_llama_path):
         check_fsdp_policy(model.policy)
     argv = ["train", "--model", tiny_llama_path, "--fsdp"]
     with pytest.raises(ValueError, match="torchrun"):
-        cli.check_args(cli.build_parser().parse_args(argv))
+        config.TrainConfig.from_namespace(cli.build_parser().parse_args(argv))
     os.environ["WORLD_SIZE"] = "2"
     try:
         with pytest.raises(ValueError, match=r"--checkpoint-every.*--fsdp"):
-            cli.check_args(cli.build_parser().parse_args([*argv, "--checkpoint-every", "2"]))
+            config.TrainConfig.from_namespace(cli.build_parser().parse_args([*argv, "--checkpoint-every", "2"]))
     finally:
         del os.environ["WORLD_SIZE"]

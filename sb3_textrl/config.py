@@ -1,0 +1,346 @@
+"""The settings of the main job, ``sb3-textrl train``, in one place: :class:`TrainConfig`. The command line's flags are
+generated from its fields (:func:`add_arguments`), the resume check reads their metadata (:data:`RESUME_FIXED_ARGS`),
+and ``tests/test_config.py`` keeps the RL Zoo file ``examples/hyperparams/ppo.yml`` equal to the defaults.
+:func:`make_env`, :func:`make_model` and :func:`make_kl_callback` build the main job from a config.
+
+Each field is one ``--flag`` (the name with ``-`` for ``_``). Its ``metadata`` holds the flag's ``"help"``,
+``"fixed_on_resume": True`` when a resumed run must keep the checkpointed value (:data:`RESUME_FIXED_ARGS`), and
+``argparse`` options the type cannot give (``"type"``, ``"choices"``, ``"nargs"``, ``"metavar"``). The type gives the
+rest: ``bool`` fields (default ``False``) are ``store_true`` flags, ``Literal[...]`` gives the choices, ``int`` and
+``float`` the ``type``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from stable_baselines3 import PPO
+from stable_baselines3.common.vec_env import VecEnv
+
+from sb3_textrl import distributed
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.callbacks import KLPenaltyCallback
+from sb3_textrl.common.kl import AdaptiveKLController
+from sb3_textrl.common.validation import check_rollout_size
+from sb3_textrl.common.vec_env import make_text_vec_env
+from sb3_textrl.envs.prompts import packaged_prompts
+
+__all__ = [
+    "RESUME_FIXED_ARGS",
+    "TrainConfig",
+    "add_arguments",
+    "check_resume_args",
+    "make_env",
+    "make_kl_callback",
+    "make_model",
+    "resume_fixed_fields",
+]
+
+# field metadata keys passed on to ``ArgumentParser.add_argument`` as they are
+_ARGPARSE_KEYS = ("type", "choices", "nargs", "metavar")
+
+
+@dataclass
+class TrainConfig:
+    """
+    Every setting of the main job, ``sb3-textrl train``: PPO('LMPolicy') on ``sb3_textrl/TextGeneration-v0`` with a
+    KL penalty to the reference model. The defaults are the command line's; each field's ``metadata["help"]`` is its
+    flag's help. ``TrainConfig()`` is the main job as ``sb3-textrl train`` runs it with no arguments.
+
+    :raises ValueError: (on construction) if a number is out of range, the rollout cannot hold a minibatch, or
+        ``fsdp=True`` is asked for outside ``torchrun`` or together with ``resume`` / ``checkpoint_every``; the message
+        names the ``--flag``
+    """
+
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "LM alias, .gguf file or save_pretrained directory"})
+    prompts: str = field(default=packaged_prompts("prompts_train.txt"), metadata={"help": "training prompts, one per line"})
+    eval_prompts: str = field(
+        default=packaged_prompts("prompts_eval.txt"), metadata={"help": "held-out prompts, one per line"}
+    )
+    reward: str = field(
+        default="vader",
+        metadata={"help": "reward function name (see sb3_textrl.rewards.REWARD_REGISTRY)", "fixed_on_resume": True},
+    )
+    reward_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "JSON object of the named reward's arguments, e.g. "
+            '\'{"references": "examples/prompts_with_references.jsonl"}\'',
+            "type": json.loads,
+            "fixed_on_resume": True,
+        },
+    )
+    total_timesteps: int = field(default=7_680, metadata={"help": "PPO budget in generated tokens (env steps)"})
+    max_new_tokens: int = field(default=24, metadata={"help": "completion length limit (tokens)", "fixed_on_resume": True})
+    n_envs: int = field(
+        default=16, metadata={"help": "parallel environments (completions per rollout step)", "fixed_on_resume": True}
+    )
+    n_steps: int | None = field(
+        default=None,
+        metadata={"help": "steps per environment per rollout (default: --max-new-tokens)", "fixed_on_resume": True},
+    )
+    batch_size: int = field(
+        default=192, metadata={"help": "PPO minibatch size in steps (whole episodes)", "fixed_on_resume": True}
+    )
+    n_epochs: int = field(default=2, metadata={"help": "PPO epochs per rollout", "fixed_on_resume": True})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Adam learning rate"})
+    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (0 disables it)", "fixed_on_resume": True})
+    kl_target: float | None = field(
+        default=None,
+        metadata={
+            "help": "target KL per completion (nats): adapt the coefficient (Ziegler et al. 2019), starting at --kl-coef",
+            "fixed_on_resume": True,
+        },
+    )
+    kl_horizon: int = field(
+        default=10_000, metadata={"help": "horizon (episodes) of the adaptive KL controller", "fixed_on_resume": True}
+    )
+    kl_estimator: Literal["k1", "k3"] = field(
+        default="k1", metadata={"help": "per-token KL estimator", "fixed_on_resume": True}
+    )
+    gamma: float = field(default=1.0, metadata={"help": "discount factor", "fixed_on_resume": True})
+    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda", "fixed_on_resume": True})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO clip range", "fixed_on_resume": True})
+    vf_coef: float = field(default=0.1, metadata={"help": "value loss coefficient", "fixed_on_resume": True})
+    ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient", "fixed_on_resume": True})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient norm clipping", "fixed_on_resume": True})
+    eval_samples: int = field(default=2, metadata={"help": "sampled completions per held-out prompt", "fixed_on_resume": True})
+    eval_every: int = field(
+        default=10,
+        metadata={
+            "help": "also evaluate the held-out prompts every N rollouts during training (one sample per prompt; eval/ keys, "
+            "OUTPUT_DIR/eval/samples.md and eval_curves.png); 0 disables"
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "random seed", "fixed_on_resume": True})
+    device: str = field(default="auto", metadata={"help": "torch device: auto, cpu, cuda"})
+    output_dir: str = field(
+        default="runs/main", metadata={"help": "folder for model.zip, pretrained/, curves.png, results.json"}
+    )
+    checkpoint_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "write a resumable checkpoint to OUTPUT_DIR/checkpoints every N rollouts (0: only on SIGINT; "
+            "default: 0, or the interrupted run's value with --resume)"
+        },
+    )
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many of the newest checkpoints to keep"})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "continue the run in --output-dir from its latest checkpoint (same arguments; --total-timesteps may grow)"
+        },
+    )
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "under torchrun: shard the gradients and the Adam state across the ranks (FSDP2) instead of keeping a "
+            "replica of them on each rank; turns prefix sharing off and writes no checkpoints (docs/distributed.md)"
+        },
+    )
+    activation_checkpointing: int = field(
+        default=0,
+        metadata={
+            "help": "recompute every N-th decoder layer in the backward pass instead of keeping its activations (less memory, "
+            "slower updates); 0: off",
+            "metavar": "N",
+            "fixed_on_resume": True,
+        },
+    )
+    no_progress_bar: bool = field(default=False, metadata={"help": "hide SB3's progress bar"})
+    verbose: int = field(default=0, metadata={"help": "SB3 verbosity (1 prints the logger's tables)"})
+
+    def __post_init__(self) -> None:
+        """Refuse bad settings before any model is loaded; the errors name the ``--flag``."""
+        positive = {
+            "--total-timesteps": self.total_timesteps,
+            "--max-new-tokens": self.max_new_tokens,
+            "--n-epochs": self.n_epochs,
+            "--eval-samples": self.eval_samples,
+            "--keep-checkpoints": self.keep_checkpoints,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"`--learning-rate` must be > 0, got {self.learning_rate}.")
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
+            raise ValueError(
+                f"`--checkpoint-every` (rollouts) must be >= 0, got {self.checkpoint_every}; 0 saves only on SIGINT."
+            )
+        if self.eval_every < 0:
+            raise ValueError(f"`--eval-every` (rollouts) must be >= 0, got {self.eval_every}; 0 disables it.")
+        if self.activation_checkpointing < 0:
+            raise ValueError(
+                f"`--activation-checkpointing` (every N-th decoder layer) must be >= 0, got {self.activation_checkpointing}; "
+                "0 turns it off."
+            )
+        if self.fsdp:
+            if not distributed.launched_distributed():
+                raise ValueError(
+                    "`--fsdp` shards the training state across ranks: launch with `torchrun --nproc_per_node N`, N > 1."
+                )
+            if self.resume or self.checkpoint_every:
+                flag = "--resume" if self.resume else "--checkpoint-every"
+                raise ValueError(
+                    f"`{flag}` with `--fsdp`: FSDP mode writes no checkpoints (each rank holds a shard of the Adam state): "
+                    "drop the flag, or train without --fsdp."
+                )
+        check_rollout_size(self.rollout_steps, self.n_envs, self.batch_size, names=("--n-steps", "--n-envs", "--batch-size"))
+
+    @property
+    def rollout_steps(self) -> int:
+        """PPO's ``n_steps``: ``n_steps`` if given, else ``max_new_tokens`` (one rollout = one completion per env)."""
+        return self.n_steps or self.max_new_tokens
+
+    @property
+    def evaluate_kwargs(self) -> dict[str, Any]:
+        """Keywords of :func:`~sb3_textrl.common.evaluation.evaluate_prompts` for the held-out evaluation."""
+        return dict(
+            reward_fn=self.reward,
+            reward_kwargs=self.reward_kwargs,
+            max_new_tokens=self.max_new_tokens,
+            n_samples=self.eval_samples,
+        )
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> TrainConfig:
+        """
+        The settings parsed by a parser with :func:`add_arguments` (other attributes, such as ``command``, are left out).
+
+        :raises ValueError: as the constructor
+        """
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def resume_fixed_fields() -> tuple[str, ...]:
+    """The names of the fields marked ``"fixed_on_resume"``, in field order: a resumed run must keep their values."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("fixed_on_resume", False))
+
+
+#: settings that must not change when a run is resumed (besides the prompts' content), from the fields' metadata
+RESUME_FIXED_ARGS = resume_fixed_fields()
+
+
+def check_resume_args(config: TrainConfig, saved: dict, train_prompts: list[str], eval_prompts: list[str]) -> None:
+    """
+    The resumed run must be the same run: the same prompts and settings named in :data:`RESUME_FIXED_ARGS`.
+
+    :param config: the resumed run's settings
+    :param saved: the checkpoint's extra state (``args``, ``prompts``, ``eval_prompts``)
+    :param train_prompts: the resumed run's training prompts
+    :param eval_prompts: the resumed run's held-out prompts
+    :raises ValueError: naming the first flag or prompt file that differs from the checkpointed run's
+    """
+    for name in RESUME_FIXED_ARGS:
+        if name in saved["args"] and saved["args"][name] != getattr(config, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"`--resume`: `{flag}` was {saved['args'][name]!r} in the checkpointed run, got {getattr(config, name)!r}: "
+                "resume with the same arguments (only --total-timesteps, --learning-rate, --model (if the LM moved), "
+                "--device, --checkpoint-every, --keep-checkpoints and the output options may change)."
+            )
+    for flag, prompts, key in (("--prompts", train_prompts, "prompts"), ("--eval-prompts", eval_prompts, "eval_prompts")):
+        if saved[key] != prompts:
+            raise ValueError(
+                f"`--resume`: the prompts of `{flag}` differ from the checkpointed run's: resume with the same prompt file."
+            )
+
+
+def _argument_options(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """``add_argument`` keywords for the field ``f`` of type ``hint`` (``X | None`` is read as ``X``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    options: dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
+    if hint is bool:
+        if f.default is not False:
+            raise TypeError(f"`{f.name}`: a bool setting is a store_true flag and must default to False, not {f.default!r}.")
+        options["action"] = "store_true"
+    elif typing.get_origin(hint) is Literal:
+        options["choices"] = list(typing.get_args(hint))
+    elif hint in (int, float):
+        options["type"] = hint
+    options.update({key: value for key, value in f.metadata.items() if key in _ARGPARSE_KEYS})
+    return options
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_class: type[TrainConfig] = TrainConfig) -> None:
+    """
+    Add one ``--flag`` per field of ``config_class`` to ``parser`` (``--n-steps`` for ``n_steps``), with the field's
+    default, help and type; ``config_class.from_namespace(parser.parse_args(...))`` then gives the settings.
+
+    :param parser: the parser (or sub-parser) to add the flags to
+    :param config_class: the dataclass whose fields become flags
+    """
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        parser.add_argument("--" + f.name.replace("_", "-"), **_argument_options(f, hints[f.name]))
+
+
+def make_env(config: TrainConfig, prompts: list[str], seed: int) -> VecEnv:
+    """
+    The main job's ``config.n_envs`` environments over ``prompts``, scored with one reward call per step
+    (:func:`~sb3_textrl.common.vec_env.make_text_vec_env`).
+
+    :param config: the main job's settings (``model``, ``reward``, ``reward_kwargs``, ``max_new_tokens``, ``n_envs``)
+    :param prompts: the training prompts
+    :param seed: the base seed (env ``i`` gets ``seed + i``)
+    """
+    env_kwargs = dict(
+        model_name_or_path=config.model,
+        prompts=prompts,
+        reward_fn=config.reward,
+        reward_kwargs=config.reward_kwargs,
+        max_new_tokens=config.max_new_tokens,
+        render_mode=None,
+    )
+    return make_text_vec_env(n_envs=config.n_envs, seed=seed, env_kwargs=env_kwargs)
+
+
+def make_model(config: TrainConfig, env: VecEnv, **kwargs: Any) -> PPO:
+    """
+    ``PPO("LMPolicy", env)`` with the main job's hyperparameters from ``config``, the episode rollout buffer and
+    ``policy_kwargs=dict(activation_checkpointing=...)`` (and ``prefix_sharing=False`` with ``config.fsdp``).
+
+    :param config: the main job's settings
+    :param env: the environments, e.g. from :func:`make_env`
+    :param kwargs: more ``PPO`` keywords (``seed``, ``device``, ``verbose``), or ones that replace the main job's
+        (``rollout_buffer_class``, ``policy_kwargs``)
+    """
+    policy_kwargs = dict(activation_checkpointing=config.activation_checkpointing or False)
+    if config.fsdp:  # one forward per minibatch on every rank (see sb3_textrl.distributed.fsdp)
+        policy_kwargs["prefix_sharing"] = False
+    settings = dict(
+        learning_rate=config.learning_rate,
+        n_steps=config.rollout_steps,
+        batch_size=config.batch_size,
+        n_epochs=config.n_epochs,
+        gamma=config.gamma,
+        gae_lambda=config.gae_lambda,
+        clip_range=config.clip_range,
+        vf_coef=config.vf_coef,
+        ent_coef=config.ent_coef,
+        max_grad_norm=config.max_grad_norm,
+        rollout_buffer_class=EpisodeRolloutBuffer,
+        policy_kwargs=policy_kwargs,
+    )
+    return PPO("LMPolicy", env, **{**settings, **kwargs})
+
+
+def make_kl_callback(config: TrainConfig) -> KLPenaltyCallback:
+    """
+    The main job's KL penalty to the reference model: a fixed ``kl_coef``, or with ``kl_target`` an
+    :class:`~sb3_textrl.common.kl.AdaptiveKLController` that starts there.
+
+    :param config: the main job's settings (``kl_coef``, ``kl_target``, ``kl_horizon``, ``kl_estimator``)
+    """
+    kl_coef: float | AdaptiveKLController = config.kl_coef
+    if config.kl_target is not None:
+        kl_coef = AdaptiveKLController(kl_coef=config.kl_coef, target=config.kl_target, horizon=config.kl_horizon)
+    return KLPenaltyCallback(kl_coef=kl_coef, estimator=config.kl_estimator)

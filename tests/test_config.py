@@ -1,0 +1,162 @@
+"""The main job's settings have one source, :class:`sb3_textrl.config.TrainConfig`: the CLI's flags and defaults come
+from its fields, the resume check from their metadata, and ``examples/hyperparams/ppo.yml`` must set the same values as
+the main job passes to PPO, the environments and the KL callback."""
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sb3_textrl import cli, config
+from sb3_textrl.common.callbacks import KLPenaltyCallback
+from sb3_textrl.config import RESUME_FIXED_ARGS, TrainConfig, add_arguments, check_resume_args, make_kl_callback
+from sb3_textrl.envs.prompts import read_prompts
+from sb3_textrl.policies import CausalLMActorCriticPolicy
+
+PPO_YML = Path(__file__).resolve().parents[1] / "examples" / "hyperparams" / "ppo.yml"
+TEXT_ENV = "sb3_textrl/TextGeneration-v0"
+# keys of the YAML's main-job section that are PPO keywords (compared with what make_model passes to PPO)
+YAML_PPO_KEYS = {
+    "policy", "n_steps", "batch_size", "n_epochs", "learning_rate", "gamma", "gae_lambda", "clip_range", "vf_coef",
+    "ent_coef", "max_grad_norm", "rollout_buffer_class", "policy_kwargs",
+}  # fmt: skip
+# keys that are not settings of TrainConfig: how the zoo builds what make_text_vec_env builds
+YAML_STRUCTURAL_KEYS = {"vec_env_wrapper"}
+# the flags of `sb3-textrl train` before TrainConfig generated them, in order
+FLAGS = [
+    "--model", "--prompts", "--eval-prompts", "--reward", "--reward-kwargs", "--total-timesteps", "--max-new-tokens",
+    "--n-envs", "--n-steps", "--batch-size", "--n-epochs", "--learning-rate", "--kl-coef", "--kl-target", "--kl-horizon",
+    "--kl-estimator", "--gamma", "--gae-lambda", "--clip-range", "--vf-coef", "--ent-coef", "--max-grad-norm",
+    "--eval-samples", "--eval-every", "--seed", "--device", "--output-dir", "--checkpoint-every", "--keep-checkpoints",
+    "--resume", "--fsdp", "--activation-checkpointing", "--no-progress-bar", "--verbose",
+]  # fmt: skip
+
+
+def main_job_yaml() -> dict:
+    with open(PPO_YML, encoding="utf-8") as f:
+        return yaml.safe_load(f)[TEXT_ENV]
+
+
+def main_job_ppo_kwargs(monkeypatch) -> dict:
+    """The keywords ``make_model(TrainConfig(), env)`` passes to ``PPO`` (with the policy as ``policy``)."""
+    calls = []
+    monkeypatch.setattr(config, "PPO", lambda policy, env, **kwargs: calls.append(dict(policy=policy, **kwargs)))
+    config.make_model(TrainConfig(), env=None)
+    return calls[0]
+
+
+def main_job_env_kwargs(monkeypatch) -> dict:
+    """The keywords ``make_env(TrainConfig(), prompts, seed)`` passes to ``make_text_vec_env``."""
+    calls = []
+    monkeypatch.setattr(config, "make_text_vec_env", lambda **kwargs: calls.append(kwargs))
+    defaults = TrainConfig()
+    config.make_env(defaults, read_prompts(defaults.prompts, "--prompts"), seed=defaults.seed)
+    return calls[0]
+
+
+def kl_callback_state(callback: KLPenaltyCallback) -> tuple:
+    return type(callback.controller), vars(callback.controller), callback.estimator
+
+
+def test_ppo_yml_is_the_main_job(monkeypatch):
+    """Each value ppo.yml sets for TextGeneration-v0 is the one ``sb3-textrl train`` uses by default."""
+    section = main_job_yaml()
+    unknown = set(section) - YAML_PPO_KEYS - YAML_STRUCTURAL_KEYS - {"n_envs", "n_timesteps", "env_kwargs", "callback"}
+    assert not unknown, f"ppo.yml sets {unknown}: map them to TrainConfig fields in this test"
+    defaults = TrainConfig()
+    assert section["n_timesteps"] == defaults.total_timesteps
+
+    ppo_kwargs = main_job_ppo_kwargs(monkeypatch)
+    for key in YAML_PPO_KEYS & set(section):
+        value = section[key]
+        if key == "rollout_buffer_class":
+            module, name = value.rsplit(".", 1)
+            value = getattr(importlib.import_module(module), name)
+        if key == "policy_kwargs":  # the zoo's "dict(...)" string, compared below
+            continue
+        assert value == ppo_kwargs[key], f"ppo.yml {key}: {value!r}, main job: {ppo_kwargs[key]!r}"
+    assert set(ppo_kwargs) - {"policy_kwargs"} <= set(section), "a PPO keyword of the main job is missing in ppo.yml"
+    # each policy keyword of the main job: the YAML's value, or the policy's default where the YAML sets none
+    yaml_policy_kwargs = eval(section.get("policy_kwargs", "dict()"), {"__builtins__": {}, "dict": dict})  # as the zoo
+    policy_defaults = inspect.signature(CausalLMActorCriticPolicy).parameters
+    for name, value in ppo_kwargs["policy_kwargs"].items():
+        assert yaml_policy_kwargs.get(name, policy_defaults[name].default) == value, f"policy_kwargs {name}"
+
+    vec_env_kwargs = main_job_env_kwargs(monkeypatch)
+    assert section["n_envs"] == vec_env_kwargs["n_envs"]
+    env_kwargs = dict(section["env_kwargs"])
+    assert env_kwargs.pop("defer_scoring") is True  # make_text_vec_env defers the scoring to its wrapper
+    expected = {k: v for k, v in vec_env_kwargs["env_kwargs"].items() if v is not None}  # None: the env's default
+    assert {k: v for k, v in env_kwargs.items() if v is not None} == expected
+
+    [callback] = section["callback"]
+    assert list(callback) == ["sb3_textrl.KLPenaltyCallback"]
+    yaml_callback = KLPenaltyCallback(**callback["sb3_textrl.KLPenaltyCallback"])
+    assert kl_callback_state(yaml_callback) == kl_callback_state(make_kl_callback(defaults))
+
+
+def test_parser_defaults_are_the_dataclass_defaults():
+    args = cli.build_parser().parse_args(["train"])
+    assert args.command == "train"
+    assert {k: v for k, v in vars(args).items() if k != "command"} == dataclasses.asdict(TrainConfig())
+    assert TrainConfig.from_namespace(args) == TrainConfig()
+
+
+def test_flags():
+    """Every field is a flag, spelled as before; types, choices, store_true flags and metavars come from the fields."""
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    assert [a.option_strings[0] for a in parser._actions[1:]] == FLAGS
+    assert [a.dest for a in parser._actions[1:]] == [f.name for f in dataclasses.fields(TrainConfig)]
+    argv = ["--reward-kwargs", '{"references": "x.jsonl"}', "--kl-estimator", "k3", "--n-steps", "12", "--kl-target", "0.5"]
+    args = parser.parse_args([*argv, "--resume", "--no-progress-bar", "--activation-checkpointing", "2"])
+    assert args.reward_kwargs == {"references": "x.jsonl"} and args.kl_estimator == "k3"
+    assert args.n_steps == 12 and args.kl_target == 0.5 and args.resume and args.no_progress_bar and not args.fsdp
+    assert TrainConfig.from_namespace(args).activation_checkpointing == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kl-estimator", "k2"])
+    assert "-h, --help" in parser.format_help() and "--activation-checkpointing N" in parser.format_help()
+    assert "(default: smollm2-135m-instruct)" in parser.format_help()
+
+
+def test_resume_fixed_args_come_from_the_metadata():
+    fixed = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("fixed_on_resume"))
+    assert RESUME_FIXED_ARGS == fixed == config.resume_fixed_fields()
+    assert RESUME_FIXED_ARGS == (
+        "reward", "reward_kwargs", "max_new_tokens", "n_envs", "n_steps", "batch_size", "n_epochs", "kl_coef", "kl_target",
+        "kl_horizon", "kl_estimator", "gamma", "gae_lambda", "clip_range", "vf_coef", "ent_coef", "max_grad_norm",
+        "eval_samples", "seed", "activation_checkpointing",
+    )  # fmt: skip
+
+    current, prompts = TrainConfig(), ["Write one sentence about rain."]
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(current, f.name)
+        other = "other" if isinstance(value, str) else {"x": 1} if f.name == "reward_kwargs" else (value or 0) + 1
+        saved = dict(args={**dataclasses.asdict(current), f.name: other}, prompts=prompts, eval_prompts=prompts)
+        if f.name in RESUME_FIXED_ARGS:
+            flag = "--" + f.name.replace("_", "-")
+            with pytest.raises(ValueError, match=re.escape(f"`{flag}` was {other!r} in the checkpointed run")):
+                check_resume_args(current, saved, prompts, prompts)
+        else:
+            check_resume_args(current, saved, prompts, prompts)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(total_timesteps=0), "`--total-timesteps` must be a positive integer, got 0"),
+        (dict(learning_rate=0.0), "`--learning-rate` must be > 0"),
+        (dict(checkpoint_every=-1), "`--checkpoint-every` .* must be >= 0"),
+        (dict(eval_every=-1), "`--eval-every` .* must be >= 0"),
+        (dict(batch_size=512), r"`--batch-size` \(512\) is larger than a rollout, `--n-steps \* --n-envs`"),
+        (dict(fsdp=True), "torchrun"),
+    ],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
