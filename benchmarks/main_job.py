@@ -10,7 +10,7 @@ The settings (each in its own process, so peak RSS is its own):
 - ``library``: the main job as ``sb3-textrl train`` builds it (``sb3_textrl.config.make_model``).
 - ``flags-off``: the same, with the KV cache, prefix sharing, packing, prepacked weights and lean activations off,
   and SB3's stock ``DictRolloutBuffer`` (shuffled single steps) instead of the episode buffer. Training still runs one
-  forward per group of observations that one covers (:func:`sb3_textrl.policies.covering_rows`), and the other
+  forward per group of observations that one covers (:func:`sb3_textrl.lm.tokens.covering_rows`), and the other
   speed-ups stay (fused Adam, the sampler, the LM head's layout, the log-prob backward): it is faster than a naive
   policy.
 - ``naive``: ``flags-off`` with one row per observation as well, as issue 6 describes a naive env + policy: every

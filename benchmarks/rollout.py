@@ -42,7 +42,7 @@ def rollout_seconds(
     (new weights).
     """
     model.policy.prefix_sharing = prefix_sharing
-    model.policy._kv_cache.reset()
+    model.policy.reset_kv_cache()
     model.policy.prepacked_weights = prepacked
     start = time.perf_counter()
     model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)

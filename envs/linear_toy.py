@@ -12,6 +12,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+__all__ = ["LinearToyEnv"]
+
 
 class LinearToyEnv(gym.Env[np.ndarray, np.ndarray]):
     """

@@ -22,6 +22,8 @@ from sb3_textrl.rewards import (
     term_scores,
 )
 
+__all__ = ["TextGenerationEnv"]
+
 
 class TextGenerationEnv(gym.Env[dict, int]):
     """
@@ -91,6 +93,14 @@ class TextGenerationEnv(gym.Env[dict, int]):
     - ``defer_scoring``: leave the scoring to :class:`sb3_textrl.common.vec_env.BatchedRewardVecEnv` (default False); the
       reward is then only checked here, not built, and may be ``None`` (the wrapper brings it).
 
+    The constructor raises a ``ValueError`` naming the argument for: empty or blank prompts, a prompt that encodes to no
+    token or to more than ``max_prompt_length`` tokens, ``max_new_tokens`` that is not a positive integer or that, with
+    the longest prompt, exceeds the LM's context (the tokenizer's ``model_max_length``, else the config's
+    ``max_position_embeddings``/``n_positions``), a tokenizer larger than the LM's logits, ``use_chat_template=True``
+    without a chat template, a reward that :func:`~sb3_textrl.rewards.get_reward_fn` refuses, or a per-token reward with
+    ``defer_scoring=True``; ``step`` for an action that is not a token id, ``reset`` for an unknown
+    ``options["prompt"]``.
+
     ## Version History
     - v0: initial version
     """
@@ -113,38 +123,15 @@ class TextGenerationEnv(gym.Env[dict, int]):
         reward_kwargs: dict | None = None,
         defer_scoring: bool = False,
     ):
-        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-            raise ValueError("`prompts` must be a non-empty list of strings, e.g. prompts=['Write one sentence about rain.'].")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"`prompts[{i}]` is {prompt!r}: every prompt must be a non-empty string.")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
-            raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
-
+        _check_prompts_and_budget(prompts, max_new_tokens)
         self.model_name_or_path = model_name_or_path
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.vocab_size = logits_width(model_name_or_path)
-        if len(self.tokenizer) > self.vocab_size:
-            raise ValueError(
-                f"The tokenizer of `model_name_or_path={model_name_or_path!r}` has {len(self.tokenizer)} tokens but the LM's "
-                f"logits width (config.vocab_size) is {self.vocab_size}: tokenizer and LM do not match. "
-                "Save them together with `save_pretrained` into one directory."
-            )
+        _check_tokenizer_fits(self.tokenizer, self.vocab_size, model_name_or_path)
         self.reward_spec = reward_fn
         self.reward_kwargs = reward_kwargs
         self.defer_scoring = bool(defer_scoring)
-        if self.defer_scoring:
-            if reward_fn is not None:  # checked here, built by the wrapper
-                check_reward_spec(reward_fn, reward_kwargs)
-            factory = REWARD_REGISTRY.get(reward_fn) if isinstance(reward_fn, str) else reward_fn
-            if is_per_token(factory):
-                raise ValueError(
-                    "`defer_scoring=True` but `reward_fn` is a per-token reward, which the environment pays at every step: "
-                    "pass defer_scoring=False."
-                )
-            self.reward_fn: RewardFn | None = None
-        else:
-            self.reward_fn = get_reward_fn(reward_fn, reward_kwargs)
+        self.reward_fn: RewardFn | None = _build_reward(reward_fn, reward_kwargs, self.defer_scoring)
         self.per_token = is_per_token(self.reward_fn)
         self.prompts = list(prompts)
         self.max_new_tokens = int(max_new_tokens)
@@ -158,29 +145,9 @@ class TextGenerationEnv(gym.Env[dict, int]):
         self.pad_token_id = int(self.tokenizer.pad_token_id)
 
         encoded = [encode_prompt(self.tokenizer, p, self.use_chat_template, system_prompt) for p in self.prompts]
-        for i, ids in enumerate(encoded):
-            if not ids:
-                raise ValueError(f"`prompts[{i}]` ({self.prompts[i]!r}) encodes to no tokens: give a prompt with text.")
-        longest = max(len(ids) for ids in encoded)
-        self.max_prompt_length = longest if max_prompt_length is None else int(max_prompt_length)
-        if longest > self.max_prompt_length:
-            i = max(range(len(encoded)), key=lambda k: len(encoded[k]))
-            raise ValueError(
-                f"`prompts[{i}]` encodes to {longest} tokens, more than `max_prompt_length={self.max_prompt_length}`: "
-                "shorten the prompt or raise `max_prompt_length`."
-            )
-        # the context: the tokenizer's limit, or the LM's position embeddings (GGUF tokenizers often have no limit)
-        config = load_config(model_name_or_path)
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        limits = [getattr(self.tokenizer, "model_max_length", None)]
-        limits += [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
-        context = min((int(n) for n in limits if isinstance(n, (int, float)) and 0 < n < 1e9), default=None)
+        self.max_prompt_length = _prompt_slots(self.prompts, encoded, max_prompt_length)
         self.max_length = self.max_prompt_length + self.max_new_tokens
-        if context is not None and self.max_length > context:
-            raise ValueError(
-                f"`max_new_tokens={self.max_new_tokens}` plus the longest prompt ({self.max_prompt_length} tokens) "
-                f"exceeds the LM's context of {context} tokens: lower `max_new_tokens` or shorten the prompts."
-            )
+        _check_context(self.max_new_tokens, self.max_prompt_length, _context_length(self.tokenizer, model_name_or_path))
         # left-padded prompt rows, built once
         self._prompt_ids = np.full((len(encoded), self.max_length), self.pad_token_id, dtype=np.int64)
         self._prompt_mask = np.zeros((len(encoded), self.max_length), dtype=np.int64)
@@ -202,6 +169,7 @@ class TextGenerationEnv(gym.Env[dict, int]):
 
     @property
     def prompt(self) -> str:
+        """The prompt of the current episode."""
         assert self._prompt_index is not None, "Call reset before using the prompt."
         return self.prompts[self._prompt_index]
 
@@ -279,3 +247,94 @@ class TextGenerationEnv(gym.Env[dict, int]):
             return text
         print(text)
         return None
+
+
+# --- argument checks of TextGenerationEnv -----------------------------------------------------------------------------
+
+
+def _check_prompts_and_budget(prompts: Sequence[str], max_new_tokens: int) -> None:
+    """
+    :raises ValueError: unless ``prompts`` is a non-empty sequence of non-blank strings and ``max_new_tokens`` a
+        positive integer
+    """
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("`prompts` must be a non-empty list of strings, e.g. prompts=['Write one sentence about rain.'].")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"`prompts[{i}]` is {prompt!r}: every prompt must be a non-empty string.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+        raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
+
+
+def _check_tokenizer_fits(tokenizer, vocab_size: int, model_name_or_path: str) -> None:
+    """
+    :raises ValueError: if the tokenizer has more tokens than the LM has logits
+    """
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"The tokenizer of `model_name_or_path={model_name_or_path!r}` has {len(tokenizer)} tokens but the LM's "
+            f"logits width (config.vocab_size) is {vocab_size}: tokenizer and LM do not match. "
+            "Save them together with `save_pretrained` into one directory."
+        )
+
+
+def _build_reward(reward_fn: str | RewardFn | None, reward_kwargs: dict | None, defer_scoring: bool) -> RewardFn | None:
+    """
+    The reward the environment calls: built from ``reward_fn`` and ``reward_kwargs``, or, with ``defer_scoring``, only
+    checked (``None``: :class:`~sb3_textrl.common.vec_env.BatchedRewardVecEnv` builds and calls it).
+
+    :raises ValueError: for a reward :func:`~sb3_textrl.rewards.get_reward_fn` refuses, or a per-token reward with
+        ``defer_scoring``
+    """
+    if not defer_scoring:
+        return get_reward_fn(reward_fn, reward_kwargs)
+    if reward_fn is not None:  # checked here, built by the wrapper
+        check_reward_spec(reward_fn, reward_kwargs)
+    factory = REWARD_REGISTRY.get(reward_fn) if isinstance(reward_fn, str) else reward_fn
+    if is_per_token(factory):
+        raise ValueError(
+            "`defer_scoring=True` but `reward_fn` is a per-token reward, which the environment pays at every step: "
+            "pass defer_scoring=False."
+        )
+    return None
+
+
+def _prompt_slots(prompts: list[str], encoded: list[list[int]], max_prompt_length: int | None) -> int:
+    """
+    The number of prompt slots of an observation: ``max_prompt_length``, by default the longest encoded prompt.
+
+    :raises ValueError: if a prompt encodes to no token, or to more than ``max_prompt_length`` tokens
+    """
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"`prompts[{i}]` ({prompts[i]!r}) encodes to no tokens: give a prompt with text.")
+    longest = max(len(ids) for ids in encoded)
+    slots = longest if max_prompt_length is None else int(max_prompt_length)
+    if longest > slots:
+        i = max(range(len(encoded)), key=lambda k: len(encoded[k]))
+        raise ValueError(
+            f"`prompts[{i}]` encodes to {longest} tokens, more than `max_prompt_length={slots}`: "
+            "shorten the prompt or raise `max_prompt_length`."
+        )
+    return slots
+
+
+def _context_length(tokenizer, model_name_or_path: str) -> int | None:
+    """The LM's context in tokens: the tokenizer's limit, or the LM's position embeddings (GGUF tokenizers often have no
+    limit); ``None`` when neither gives one."""
+    config = load_config(model_name_or_path)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = [getattr(tokenizer, "model_max_length", None)]
+    limits += [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
+    return min((int(n) for n in limits if isinstance(n, (int, float)) and 0 < n < 1e9), default=None)
+
+
+def _check_context(max_new_tokens: int, max_prompt_length: int, context: int | None) -> None:
+    """
+    :raises ValueError: if the prompt slots plus ``max_new_tokens`` exceed the LM's context
+    """
+    if context is not None and max_prompt_length + max_new_tokens > context:
+        raise ValueError(
+            f"`max_new_tokens={max_new_tokens}` plus the longest prompt ({max_prompt_length} tokens) "
+            f"exceeds the LM's context of {context} tokens: lower `max_new_tokens` or shorten the prompts."
+        )

@@ -13,6 +13,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+__all__ = ["MODES", "TokenMatchEnv"]
+
+#: the three tasks of :class:`TokenMatchEnv` (see its docstring)
 MODES = ("fixed", "copy", "random")
 
 
@@ -20,7 +23,7 @@ class TokenMatchEnv(gym.Env[np.ndarray, int]):
     """
     ## Description
     Write a target sequence of ``length`` tokens, one token per step, and earn 1 for every token in the right place.
-    A token-level stand-in for text generation that any policy can be checked on in seconds, the LM policy
+    A token-level stand-in for text generation that any policy can be checked on, the LM policy
     (``LMPolicy``, with a ``vocab_size`` equal to the LM's logits width) as well as ``MlpPolicy``. Three modes:
 
     - ``"fixed"``: one target for all episodes, drawn from ``target_seed``; the policy must memorise it

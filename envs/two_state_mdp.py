@@ -13,9 +13,13 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+__all__ = ["A1", "A2", "S1", "S2", "TRANSITIONS", "TwoStateMDPEnv"]
+
+#: the states s1 and s2 (the observations)
 S1, S2 = 0, 1
+#: the actions a1 and a2
 A1, A2 = 0, 1
-# (state, action) -> (next state, reward)
+#: (state, action) -> (next state, reward)
 TRANSITIONS: dict[tuple[int, int], tuple[int, float]] = {
     (S1, A1): (S2, 1.0),  # the worked example
     (S2, A2): (S1, 0.0),  # the worked example

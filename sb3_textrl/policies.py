@@ -1,10 +1,9 @@
-"""``LMPolicy``: an SB3 actor-critic policy whose actor is a Hugging Face causal LM."""
+"""``LMPolicy``: an SB3 actor-critic policy whose actor is a Hugging Face causal LM (internals: ``docs/policy.md``)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import os
 import warnings
 from typing import Any
@@ -21,15 +20,19 @@ from sb3_textrl.common.validation import check_same_lm
 from sb3_textrl.lm.activation_checkpointing import enable_checkpointing, set_checkpointing
 from sb3_textrl.lm.kv_cache import RolloutKVCache
 from sb3_textrl.lm.lean_activations import enable_lean_activations
-from sb3_textrl.lm.loading import load_causal_lm, load_tokenizer
+from sb3_textrl.lm.loading import dtype_emulated_on_cpu as _emulated_on_cpu  # the name tests patch
+from sb3_textrl.lm.loading import load_causal_lm, load_tokenizer, make_peft_model
 from sb3_textrl.lm.log_probs import lm_head_logits, log_prob_and_entropy, sample_categorical
 from sb3_textrl.lm.optim import ADAM_CLASSES, allocate_adam_state, release_unstepped_adam_state
 from sb3_textrl.lm.packing import forward_packed, packable
 from sb3_textrl.lm.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
-from sb3_textrl.lm.tokens import last_token_index, position_ids
+from sb3_textrl.lm.tokens import covering_rows, last_token_index, position_ids, steps_out_of_order
 
-# bound on the elements of the (chunk, batch, length) comparison that finds shared prefixes
-_COVER_CHUNK_ELEMENTS = 1 << 24
+__all__ = ["CausalLMActorCriticPolicy", "LMPolicy", "split_observation"]
+
+# LMPolicy's own constructor arguments, saved with the model (_get_constructor_parameters)
+_LM_ARGUMENTS = ("model_name_or_path", "model_kwargs", "use_reference_model", "use_kv_cache", "prefix_sharing", "packing")
+_LM_ARGUMENTS += ("prepacked_weights", "activation_checkpointing", "lean_activations", "autocast_dtype", "lora_config")
 
 
 def split_observation(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
@@ -50,106 +53,32 @@ def split_observation(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
     return input_ids, attention_mask
 
 
-def covering_rows(input_ids: th.Tensor, attention_mask: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-    """
-    Group observations that are prefixes of one another, so one forward pass serves them all.
-
-    Under causal attention, the hidden state at the last token of row ``i`` only depends on the tokens and mask up to
-    that position. Row ``j`` *covers* row ``i`` when both agree there; then row ``i``'s outputs can be read off row
-    ``j``'s forward pass at the same position. All the steps of one episode are covered by its last observation.
-
-    :param input_ids: ``(batch, length)`` int64 token ids
-    :param attention_mask: ``(batch, length)`` int64 mask
-    :return: ``rows``, the indices of the rows to run (``(n_rows,)``), and ``cover``, for each input row the index
-        into ``rows`` of the row that covers it (``(batch,)``)
-    """
-    batch, length = input_ids.shape
-    mask = attention_mask.bool()
-    lengths = mask.sum(dim=1)
-    last = last_token_index(attention_mask)
-    positions = th.arange(length, device=input_ids.device)
-    best = th.empty(batch, dtype=th.long, device=input_ids.device)
-    chunk = max(1, _COVER_CHUNK_ELEMENTS // max(1, batch * length))
-    for start in range(0, batch, chunk):
-        stop = min(start + chunk, batch)
-        mask_i = mask[start:stop, None, :]
-        same = (mask_i == mask[None]) & (~mask_i | (input_ids[start:stop, None, :] == input_ids[None]))
-        relevant = positions[None, None, :] <= last[start:stop, None, None]
-        covers = (same | ~relevant).all(dim=-1)  # (chunk, batch): row j covers row i
-        best[start:stop] = th.where(covers, lengths[None, :], -1).argmax(dim=1)
-    rows, cover = th.unique(best, return_inverse=True)
-    return rows, cover
-
-
 class CausalLMActorCriticPolicy(ActorCriticPolicy):
     """
-    Actor-critic policy over a causal language model, for SB3's on-policy algorithms (PPO, A2C, TRPO, REINFORCE).
+    Actor-critic policy over a Hugging Face causal LM, for SB3's on-policy algorithms (PPO, A2C, TRPO, REINFORCE).
 
-    The actor is the LM: its LM-head logits (float32) at the last attended token of the observation are the
-    ``Categorical`` action distribution over the next token. The critic is a value head, a zero-initialised
-    ``Linear(hidden_size, 1)``, on the LM's last hidden state at the same token (shared trunk, one trainable copy
-    of the LM). Dropout is always off, so rollouts and updates see the same distribution. Position ids come from the
-    attention mask (left padding is exact).
+    Paper: https://arxiv.org/abs/1909.08593 (Ziegler et al. 2019: value head on the LM's trunk, KL to a reference LM)
 
-    A frozen copy of the initial LM, the reference model, gives ``ref_logp`` for the KL penalty of
-    Ziegler et al. (2019), "Fine-Tuning Language Models from Human Preferences" (https://arxiv.org/abs/1909.08593);
-    see :class:`~sb3_textrl.common.callbacks.KLPenaltyCallback`. It is outside ``parameters()``, the optimizer and the
-    state dict (a saved model holds the LM once; loading rebuilds the reference from ``model_name_or_path``).
-
-    Observations from the same episode are prefixes of one another: ``evaluate_actions``, ``get_distribution`` and
-    ``predict_values`` run one forward pass per group of such observations (see :func:`covering_rows`), so a minibatch
-    holding whole episodes costs one forward pass per episode. In eval mode without gradients (rollouts, ``predict``),
-    a KV cache carried from call to call (:class:`~sb3_textrl.lm.kv_cache.RolloutKVCache`) makes each new token cost one
-    incremental forward; it is dropped whenever the weights may have changed (mode switch, in-place update, loading).
-    The optimizer frees the gradients right after each ``step()`` (``zero_grad(set_to_none=True)`` in a post-step
-    hook): read them before stepping. Adam's (and AdamW's) state is made when the policy first enters training mode
-    (``set_training_mode(True)``, before the first minibatch), not at the first ``step()``: zero moments, as that step
-    would make them, placed next to the weights rather than among a minibatch's freed activations
-    (:func:`~sb3_textrl.lm.optim.allocate_adam_state`).
+    The actor is the LM: its logits at the last attended token are the ``Categorical`` distribution over the next token.
+    The critic is a zero-initialised ``Linear(hidden_size, 1)`` on the same hidden state. Dropout stays off. Train on
+    minibatches of whole episodes (``rollout_buffer_class=EpisodeRolloutBuffer``). How it all works: ``docs/policy.md``.
 
     :param observation_space: a :class:`~sb3_textrl.common.spaces.TokenObservationSpace` (or a ``Box`` of token ids)
     :param action_space: ``Discrete(n)``, ``n`` the LM's logits width
     :param lr_schedule: learning rate schedule
-    :param model_name_or_path: the LM to fine-tune (alias, ``.gguf`` file or local directory); default: the one the
-        environment was built for (``observation_space.model_name_or_path``). Never a model object: it is pickled.
-    :param model_kwargs: keyword arguments for ``AutoModelForCausalLM.from_pretrained``, e.g.
-        ``dict(attn_implementation="eager")`` (needed by TRPO's double backward on CPU)
-    :param use_reference_model: keep a frozen copy of the initial LM for the KL penalty
-    :param use_kv_cache: carry a KV cache across calls made without gradients (rollouts); results are the same
-    :param prefix_sharing: run the opening tokens that observations share (a chat template's system prompt) once per
-        batch, in rollouts, updates and reference passes (:mod:`sb3_textrl.lm.prefix_sharing`), and in packed updates and
-        reference passes the opening of episodes on the same prompt once per group
-        (:func:`~sb3_textrl.lm.packing.group_openings`); results are the same up to float rounding
-    :param packing: run the rows of a training or reference pass packed side by side in a few rows of ~256 tokens,
-        without padding (:mod:`sb3_textrl.lm.packing`); results are the same up to float rounding
-    :param prepacked_weights: on a CPU in float32, run the rollouts' MLP layers and LM head on oneDNN-prepacked
-        copies of their weights, made again after each update and dropped when training starts
-        (:mod:`sb3_textrl.lm.weight_prepacking`): rollouts ~15-25 % faster here, results the same up to float rounding; under
-        glibc's allocator the peak RSS can end ~1 % higher (the freed copies fragment its heap)
-    :param activation_checkpointing: keep only each decoder layer's input in training passes and recompute the layer
-        in the backward pass (:mod:`sb3_textrl.lm.activation_checkpointing`): ``True`` checkpoints every layer, an int
-        ``n`` every ``n``-th. Activation memory of a minibatch falls ~20x (every layer), for ~10-20 % more update time (SmolLM2
-        on a CPU); results are the same. Default ``False``. Needs transformers >= 5 (``activation_checkpointing_enable``)
-    :param lean_activations: in training passes, run the LM's gated MLPs and RMSNorms (Llama-style models) through
-        autograd functions that keep only their inputs for backward and recompute the elementwise parts
-        (:mod:`sb3_textrl.lm.lean_activations`): a minibatch's activations ~1/3 smaller for SmolLM2, no matrix product
-        recomputed, results the same up to float rounding. Layers of other forms keep their stock forward
-    :param autocast_dtype: run the LM's trunk under ``torch.autocast`` in this dtype (``"bfloat16"`` or
-        ``"float16"``), e.g. on a GPU; the LM head, logits, log-probs and values stay float32. Default: off (float32).
-        On a CPU without native instructions for that dtype (e.g. AVX2 only: no AVX512-BF16 or AMX) the matrix products
-        are emulated: measured 6x slower forwards and 35x slower backwards than float32 on an AVX2 EPYC; a
-        ``UserWarning`` says so at the first autocast
-    :param lora_config: a peft ``LoraConfig`` (or its dict): train low-rank adapters (and the value head) only; the
-        reference log-probs then come from the same model with the adapters disabled (no second copy in memory), and
-        the saved state holds only the trained tensors (the base weights are reloaded from ``model_name_or_path``)
-    :param kwargs: the other keyword arguments of ``ActorCriticPolicy`` (``optimizer_class``, ``optimizer_kwargs``, ...;
-        Adam and AdamW default to ``dict(eps=1e-5, fused=True)``);
-        ``net_arch`` and ``activation_fn`` are ignored (there is no MLP)
-    :raises ValueError: if no LM is named, the LM's logits width differs from ``action_space.n``, the environment
-        was built for an LM with another tokenizer, a switch (``use_reference_model``, ``use_kv_cache``,
-        ``prefix_sharing``, ``packing``, ``prepacked_weights``, ``lean_activations``) is not a bool, or
-        ``activation_checkpointing`` is not a bool or a positive int or not supported by the LM or the installed
-        transformers
+    :param model_name_or_path: the LM (alias, ``.gguf`` file or directory; default: the env's); a name, never a model
+    :param model_kwargs: keyword arguments of ``from_pretrained`` (TRPO on a CPU needs ``attn_implementation="eager"``)
+    :param use_reference_model: keep a frozen copy of the initial LM, for the KL penalty
+    :param use_kv_cache: carry a KV cache from one rollout call to the next (eval mode, no gradients)
+    :param prefix_sharing: run the opening tokens the observations share once per batch (prefix caching, as in SGLang)
+    :param packing: run training and reference passes without padding, rows packed side by side (Krell et al. 2021)
+    :param prepacked_weights: on a CPU in float32, run rollouts on oneDNN-prepacked copies of the MLP and LM-head weights
+    :param activation_checkpointing: recompute decoder layers in backward (Chen et al. 2016): ``True`` all, ``n`` every n-th
+    :param lean_activations: keep only the inputs of Llama-style gated MLPs and RMSNorms for backward (selective recompute)
+    :param autocast_dtype: ``"bfloat16"`` or ``"float16"``: run the LM's trunk under ``torch.autocast``; ``None``: float32
+    :param lora_config: a peft ``LoraConfig`` or its dict: train LoRA adapters (Hu et al. 2021) and the value head only
+    :param kwargs: ``ActorCriticPolicy``'s other keyword arguments (``optimizer_class``, ``optimizer_kwargs``, ...)
+    :raises ValueError: if no LM is named, its vocabulary is not the env's, or an option has a wrong type or value
     :raises FloatingPointError: if the LM produces NaN or infinite logits (they never reach the sampler)
     """
 
@@ -198,12 +127,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         for name, value in switches.items():
             if not isinstance(value, bool):  # a string such as "false" would turn it on
                 raise ValueError(f"`{name}` must be True or False, got {value!r}.")
-        self.use_reference_model = use_reference_model
-        self.use_kv_cache = use_kv_cache
-        self.prefix_sharing = prefix_sharing
-        self.packing = packing
-        self.prepacked_weights = prepacked_weights
-        self.lean_activations = lean_activations
+            setattr(self, name, value)
         if isinstance(activation_checkpointing, bool) or activation_checkpointing is None:
             activation_checkpointing = bool(activation_checkpointing)
         elif not isinstance(activation_checkpointing, int) or activation_checkpointing < 1:
@@ -216,10 +140,12 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             raise ValueError(f"`autocast_dtype` must be None, 'bfloat16' or 'float16', got {autocast_dtype!r}.")
         self.autocast_dtype = autocast_dtype
         self.lora_config = lora_config
+        self._warned_shuffled_buffer = False  # see _warn_if_shuffled_buffer
+        self._rollout_rows, self._rollout_start = 0, None  # rows forward() saw since the rollout began, its first call
         kwargs.setdefault("ortho_init", False)
         optimizer_class = kwargs.get("optimizer_class", th.optim.Adam)
         if optimizer_class in ADAM_CLASSES:
-            # SB3's default Adam eps, and the fused kernel: ~5x faster steps over an LM's ~100M parameters
+            # SB3's default Adam eps, and the fused kernel (all parameters updated in a few kernels, not one per tensor)
             kwargs["optimizer_kwargs"] = {"eps": 1e-5, "fused": True, **(kwargs.get("optimizer_kwargs") or {})}
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -262,7 +188,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         # the next minibatch's forward does not hold them next to its activations
         optimizer.zero_grad(set_to_none=True)
         # the weights changed: fused Adam steps them without bumping their version counters, which the KV cache checks
-        self._kv_cache.reset()
+        self.reset_kv_cache()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -272,19 +198,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(
-            model_name_or_path=self.model_name_or_path,
-            model_kwargs=self.model_kwargs,
-            use_reference_model=self.use_reference_model,
-            use_kv_cache=self.use_kv_cache,
-            prefix_sharing=self.prefix_sharing,
-            packing=self.packing,
-            prepacked_weights=self.prepacked_weights,
-            activation_checkpointing=self.activation_checkpointing,
-            lean_activations=self.lean_activations,
-            autocast_dtype=self.autocast_dtype,
-            lora_config=self.lora_config,
-        )
+        data.update({name: getattr(self, name) for name in _LM_ARGUMENTS})  # names and plain data: never the model
         return data
 
     @property
@@ -301,14 +215,24 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         """A context in which :attr:`reference_model` computes the reference outputs (with LoRA: adapters off)."""
         return self._peft[0].disable_adapter() if self._peft else contextlib.nullcontext()
 
+    @property
+    def kv_cache(self) -> RolloutKVCache:
+        """The KV cache that rollout calls (eval mode, no gradients) carry from one call to the next."""
+        return self._kv_cache
+
+    def reset_kv_cache(self) -> None:
+        """Drop the rollout KV cache and its prepacked weights. The policy does so whenever its weights may change
+        (optimizer step, loading, ``.to()``, a mode switch); call it after changing them another way."""
+        self._kv_cache.reset()
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         if self.device.type == "cpu" and _emulated_on_cpu(self.autocast_dtype):
             warnings.warn(
                 f"`autocast_dtype={self.autocast_dtype!r}` on a CPU without native {self.autocast_dtype} matrix "
-                "instructions: the products are emulated, several times slower than float32 (measured 6x forward, "
-                "35x backward on an AVX2 CPU). Build the policy with `autocast_dtype=None` on this machine.",
+                "instructions: the products are emulated, several times slower than float32. Build the policy with "
+                "`autocast_dtype=None` on this machine.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -336,8 +260,10 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         return self
 
     def train(self, mode: bool = True) -> CausalLMActorCriticPolicy:
+        if self.training and not mode:  # a rollout begins
+            self._rollout_rows, self._rollout_start = 0, None
         if mode != self.training:
-            self._kv_cache.reset()  # a new phase (rollout or update) starts
+            self.reset_kv_cache()  # a new phase (rollout or update) starts
         if mode and hasattr(self, "optimizer"):  # Adam's moments before the first minibatch's activations (optim.py)
             allocate_adam_state(self.optimizer)
         super().train(mode)
@@ -347,7 +273,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         return self
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self._kv_cache.reset()
+        self.reset_kv_cache()
         if not self._peft:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
@@ -363,8 +289,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
     # --- forward passes -----------------------------------------------------------------------------------------------
 
     def _rollout_call(self) -> bool:
-        # the KV cache serves rollouts and predict() (eval mode, no gradients); never training steps such as TRPO's
-        # line search
+        # rollouts and predict() (eval mode, no gradients); never training steps such as TRPO's line search
         return self.use_kv_cache and not self.training and not th.is_grad_enabled()
 
     def _last_hidden(self, obs: PyTorchObs, lm: PreTrainedModel, cached: bool = False) -> th.Tensor:
@@ -379,6 +304,8 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             with self._autocast():
                 return self._kv_cache.last_hidden(input_ids, attention_mask, self.prefix_sharing, self.prepacked_weights)
         rows, cover = covering_rows(input_ids, attention_mask)
+        if cached and self.training and len(input_ids) < self._rollout_rows:  # a training minibatch, part of a rollout
+            self._warn_if_shuffled_buffer(input_ids, attention_mask, cover)
         ids, mask = input_ids[rows], attention_mask[rows]
         # shared by all observations, not only the covering rows: every observation read keeps its last token out of
         # the prefix (episodes on one prompt share it whole, and their first observation ends with it)
@@ -399,6 +326,21 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         with self._autocast():
             hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)[0]
         return hidden[cover, last_token_index(attention_mask) - first]
+
+    def _warn_if_shuffled_buffer(self, input_ids: th.Tensor, attention_mask: th.Tensor, cover: th.Tensor) -> None:
+        # SB3's RolloutBuffer shuffles steps: each minibatch runs a forward pass over every episode it holds a step of
+        if self._warned_shuffled_buffer or not steps_out_of_order(input_ids, attention_mask, cover, self._rollout_start):
+            return
+        self._warned_shuffled_buffer = True
+        warnings.warn(
+            "LMPolicy is training on minibatches that hold pieces of episodes in shuffled order (SB3's RolloutBuffer or "
+            "DictRolloutBuffer): each minibatch runs a forward pass over every episode it holds a step of, so an update "
+            "runs the same tokens several times. Build the algorithm with `rollout_buffer_class=EpisodeRolloutBuffer` "
+            "(`from sb3_textrl.common.buffers import EpisodeRolloutBuffer`) for minibatches of whole episodes, one "
+            "forward pass each.",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _logits(self, hidden: th.Tensor, lm: PreTrainedModel, obs: PyTorchObs, cached: bool = False) -> th.Tensor:
         """
@@ -426,7 +368,15 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             )
         return logits
 
-    def _distribution_and_values(self, obs: PyTorchObs) -> tuple[CategoricalDistribution, th.Tensor]:
+    def distribution_and_values(self, obs: PyTorchObs) -> tuple[CategoricalDistribution, th.Tensor]:
+        """
+        The next-token distribution and the values of the observations, from one forward pass (or the rollout KV cache
+        in eval mode without gradients).
+
+        :param obs: token observations, ``(batch, max_length)`` int64 ``input_ids`` and ``attention_mask``
+        :return: the distribution over each row's next token (the policy's ``action_dist``, which the next call reuses:
+            keep its tensors, not the object) and values ``(batch, 1)`` float32
+        """
         hidden = self._last_hidden(obs, self.lm, cached=True)
         distribution = self.action_dist.proba_distribution(action_logits=self._logits(hidden, self.lm, obs, cached=True))
         values = self.value_head(hidden.float())
@@ -440,8 +390,12 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         :param deterministic: take the most likely token (greedy decoding)
         :return: actions ``(n_envs,)`` int64 token ids, values ``(n_envs, 1)`` float32, log-probs ``(n_envs,)`` float32
         """
-        distribution, values = self._distribution_and_values(obs)
+        distribution, values = self.distribution_and_values(obs)
         actions = self._sample(distribution, deterministic)
+        if not self.training:  # SB3's collect_rollouts: one call per step, every env's observation
+            if self._rollout_start is None:  # these may continue episodes that the last rollout cut
+                self._rollout_start = split_observation(obs)
+            self._rollout_rows += len(actions)
         return actions, values, distribution.log_prob(actions)
 
     @staticmethod
@@ -464,7 +418,7 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         return self.value_head(hidden.float()), log_prob, entropy
 
     def get_distribution(self, obs: PyTorchObs) -> CategoricalDistribution:
-        return self._distribution_and_values(obs)[0]
+        return self.distribution_and_values(obs)[0]
 
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
         """Values ``(batch, 1)`` float32 of the observations."""
@@ -501,38 +455,6 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
             self.lm.save_pretrained(save_directory)
         self.tokenizer.save_pretrained(save_directory)
         th.save(self.value_head.state_dict(), os.path.join(save_directory, "value_head.pt"))
-
-
-@functools.cache
-def _emulated_on_cpu(dtype: str) -> bool:
-    """Whether this CPU lacks native matrix instructions for ``dtype`` (oneDNN's own check; False if unknown)."""
-    check = {"bfloat16": "_is_mkldnn_bf16_supported", "float16": "_is_mkldnn_fp16_supported"}[dtype]
-    try:
-        return not getattr(th.ops.mkldnn, check)()
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def make_peft_model(lm: PreTrainedModel, lora_config: Any):
-    """
-    Inject LoRA adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685) into ``lm`` in place with peft.
-
-    :param lm: the causal LM; its base weights are frozen
-    :param lora_config: a ``peft.LoraConfig`` or the dict of its arguments
-    :return: the ``PeftModel`` wrapping ``lm``
-    :raises ValueError: if peft is not installed or the config is not a LoRA config
-    """
-    try:
-        import peft
-    except ImportError as error:
-        raise ValueError("`lora_config` needs the `peft` package: `pip install peft`.") from error
-    if isinstance(lora_config, dict):
-        lora_config = peft.LoraConfig(**lora_config)
-    if not isinstance(lora_config, peft.LoraConfig):
-        raise ValueError(
-            f"`lora_config` must be a peft.LoraConfig or a dict of its arguments, got {type(lora_config).__name__}."
-        )
-    return peft.get_peft_model(lm, copy.deepcopy(lora_config))
 
 
 LMPolicy = CausalLMActorCriticPolicy

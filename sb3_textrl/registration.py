@@ -6,6 +6,9 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 from sb3_textrl.policies import LMPolicy
 
+__all__ = ["ALIAS", "add_lm_policy_alias", "register_policy_alias"]
+
+#: the name ``PPO("LMPolicy", env)`` resolves to :class:`~sb3_textrl.policies.CausalLMActorCriticPolicy`
 ALIAS = "LMPolicy"
 
 
@@ -15,6 +18,8 @@ def add_lm_policy_alias(algorithm_class: type[BaseAlgorithm]) -> None:
 
     ``policy_aliases`` may be inherited from a parent class (``OnPolicyAlgorithm`` and ``BaseAlgorithm`` share one
     dict): the class gets its own copy before the alias is added.
+
+    :param algorithm_class: an SB3 algorithm class (``PPO``, ``A2C``...), changed in place
     """
     if "policy_aliases" not in vars(algorithm_class):
         algorithm_class.policy_aliases = dict(algorithm_class.policy_aliases)
@@ -22,7 +27,8 @@ def add_lm_policy_alias(algorithm_class: type[BaseAlgorithm]) -> None:
 
 
 def register_policy_alias() -> None:
-    """Register the alias in PPO, A2C, REINFORCE and, if sb3-contrib is installed, TRPO."""
+    """Register the alias in PPO, A2C, REINFORCE and, if sb3-contrib is installed, TRPO (idempotent; importing
+    :mod:`sb3_textrl` does it)."""
     from stable_baselines3 import A2C, PPO
 
     from sb3_textrl.reinforce import REINFORCE

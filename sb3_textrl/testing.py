@@ -16,6 +16,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+__all__ = [
+    "GPT2_SPECIAL_TOKENS",
+    "LLAMA_SPECIAL_TOKENS",
+    "TINY_BPE_VOCAB_SIZE",
+    "TINY_CHAT_TEMPLATE",
+    "TINY_CORPUS",
+    "build_tiny_lm",
+    "build_tiny_tokenizer",
+]
+
 # Target size of the BPE vocabulary (256 byte-level symbols + special tokens + merges).
 TINY_BPE_VOCAB_SIZE = 300
 
@@ -94,7 +104,14 @@ def _train_bpe(special_tokens: list[str], vocab_size: int = TINY_BPE_VOCAB_SIZE)
 
 
 def build_tiny_tokenizer(kind: str = "llama") -> PreTrainedTokenizerFast:
-    """Build the tiny tokenizer for ``kind`` ("llama" or "gpt2")."""
+    """
+    Build the tiny byte-level BPE tokenizer for ``kind``, trained on :data:`TINY_CORPUS` (300 tokens, special ones
+    included; ``model_max_length=256``).
+
+    :param kind: ``"llama"`` (default: ``<s>``, ``</s>``, ``<pad>`` distinct, chat markers and a chat template) or
+        ``"gpt2"`` (``<|endoftext|>`` is bos, eos, unk and pad; no chat template)
+    :raises ValueError: for another ``kind``
+    """
     if kind == "llama":
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=_train_bpe(LLAMA_SPECIAL_TOKENS),
@@ -124,11 +141,16 @@ def build_tiny_tokenizer(kind: str = "llama") -> PreTrainedTokenizerFast:
 def build_tiny_lm(path: str | os.PathLike, kind: str = "llama", vocab_size: int | None = None) -> str:
     """Build a tiny random causal LM + tokenizer and save both to ``path``.
 
+    The LM (float32, weights drawn after ``torch.manual_seed(0)``, 256 positions): ``"llama"`` is a
+    ``LlamaForCausalLM`` with 2 layers, hidden size 32, 4 attention heads and 2 key-value heads, tied embeddings;
+    ``"gpt2"`` a ``GPT2LMHeadModel`` with 2 layers, hidden size 32 and 2 heads.
+
     :param path: Output directory (created if needed).
-    :param kind: ``"llama"`` (distinct bos/eos/pad, chat template) or ``"gpt2"`` (pad == eos, no chat template).
+    :param kind: ``"llama"`` (default; distinct bos/eos/pad, chat template) or ``"gpt2"`` (pad == eos, no chat template).
     :param vocab_size: Model vocabulary size (logits width). Defaults to ``len(tokenizer)``;
         pass a different value to get a model/tokenizer vocabulary mismatch.
     :return: ``path`` as a string.
+    :raises ValueError: for another ``kind``
     """
     path = str(path)
     os.makedirs(path, exist_ok=True)

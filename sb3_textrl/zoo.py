@@ -33,12 +33,29 @@ from rl_zoo3.utils import get_class_by_name
 import sb3_textrl  # noqa: F401  (registers the environments and the "LMPolicy" alias)
 from sb3_textrl.policies import CausalLMActorCriticPolicy
 
+__all__ = [
+    "LM_POLICY_NAMES",
+    "LM_SAMPLERS",
+    "Sampler",
+    "convert_lm_params",
+    "install",
+    "is_lm_policy",
+    "resolve_rollout_buffer",
+    "sample_a2c_lm_params",
+    "sample_ppo_lm_params",
+    "uses_lm_policy",
+]
+
+#: an Optuna sampler of the zoo: ``(trial, n_actions, n_envs, additional_args) -> hyperparameters``
 Sampler = Callable[[optuna.Trial, int, int, dict], dict[str, Any]]
 
+#: the ``policy`` entries of a zoo YAML that name ``LMPolicy`` (alone or as the last part of an import path)
 LM_POLICY_NAMES = ("LMPolicy", "CausalLMActorCriticPolicy")
 
-# set by the patched ExperimentManager._preprocess_hyperparams (one experiment per zoo process)
-_uses_lm_policy = False
+#: whether the zoo experiment of this process uses ``LMPolicy`` (one experiment per zoo process): the samplers installed
+#: by :func:`install` draw with the LM samplers when it is ``True``, with the zoo's own otherwise. Set when the zoo reads
+#: the experiment's hyperparameters (the patched ``ExperimentManager._preprocess_hyperparams``).
+uses_lm_policy = False
 
 
 def is_lm_policy(policy: Any) -> bool:
@@ -102,7 +119,7 @@ def convert_lm_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def _dispatch_sampler(stock: Sampler, lm: Sampler) -> Sampler:
     def sample(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
-        return (lm if _uses_lm_policy else stock)(trial, n_actions, n_envs, additional_args)
+        return (lm if uses_lm_policy else stock)(trial, n_actions, n_envs, additional_args)
 
     sample._sb3_textrl_dispatch = True  # type: ignore[attr-defined]
     return sample
@@ -117,6 +134,7 @@ def _dispatch_converter(stock: Callable[[dict], dict]) -> Callable[[dict], dict]
     return convert
 
 
+#: the LM sampler of each zoo algorithm that :func:`install` dispatches to
 LM_SAMPLERS: dict[str, Sampler] = {"ppo": sample_ppo_lm_params, "a2c": sample_a2c_lm_params, "trpo": sample_a2c_lm_params}
 
 
@@ -135,8 +153,8 @@ def install() -> None:
         return
 
     def _preprocess_hyperparams(self: ExperimentManager, hyperparams: dict[str, Any]):
-        global _uses_lm_policy
-        _uses_lm_policy = is_lm_policy(hyperparams.get("policy"))
+        global uses_lm_policy
+        uses_lm_policy = is_lm_policy(hyperparams.get("policy"))
         result = original(self, resolve_rollout_buffer(hyperparams))
         if self._eval_env_kwargs_args is None:
             # rl_zoo3 2.9.2 builds the eval env (EvalCallback, and every --optimize trial's evaluation) with the

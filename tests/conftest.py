@@ -1,13 +1,39 @@
-"""Shared pytest fixtures: tiny, random, fully offline causal LMs with tokenizers (see :mod:`sb3_textrl.testing`)."""
+"""Shared pytest fixtures and helpers.
+
+Fixtures: tiny, random, fully offline causal LMs with tokenizers (see :mod:`sb3_textrl.testing`). Helpers, imported by
+the test modules with ``from conftest import ...``: the text environment's id, prompts, a learnable reward and a
+vectorized text environment.
+"""
 
 from __future__ import annotations
 
+import string
+
 import pytest
 import torch
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_textrl.testing import build_tiny_lm
 
-__all__ = ["build_tiny_lm"]
+__all__ = ["ENV_ID", "PROMPTS", "SHORT_PROMPTS", "build_tiny_lm", "letter_fraction", "make_vec"]
+
+ENV_ID = "sb3_textrl/TextGeneration-v0"
+PROMPTS = ["Hi", "Write one sentence about rain.", "Write a short review of a cafe."]
+SHORT_PROMPTS = ["the sun is good", "rain"]
+
+
+def letter_fraction(prompts, completions):
+    """A trivially learnable reward: the fraction of ASCII letters in the completion (0 for an empty one)."""
+    return [sum(ch in string.ascii_letters for ch in c) / len(c) if c else 0.0 for c in completions]
+
+
+def make_vec(path, n_envs=2, max_new_tokens=4, reward_fn=letter_fraction, seed=0, **env_kwargs) -> VecEnv:
+    """``n_envs`` text environments on the LM at ``path`` (SB3's ``make_vec_env``: a ``Monitor`` each, seeds
+    ``seed + i``), with :data:`PROMPTS` unless ``env_kwargs`` gives other ``prompts``."""
+    env_kwargs = {"model_name_or_path": path, "prompts": PROMPTS, "reward_fn": reward_fn, "max_new_tokens": max_new_tokens,
+                  **env_kwargs}  # fmt: skip
+    return make_vec_env(ENV_ID, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +50,8 @@ def tiny_gpt2_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 # --- added for the test suite -----------------------------------------------------------------------------------------
 
-# The tiny models run thousands of very small matmuls: with more than one thread, OpenMP synchronisation costs ~100x
-# the work itself (and much more when another process competes for the 2 cores).
+# The tiny models run thousands of very small matmuls, for which OpenMP's thread synchronisation costs more than the
+# work itself: one thread.
 torch.set_num_threads(1)
 
 

@@ -5,6 +5,7 @@ import re
 import gymnasium as gym
 import numpy as np
 import pytest
+from conftest import ENV_ID
 from stable_baselines3 import PPO
 
 import sb3_textrl
@@ -12,7 +13,6 @@ import sb3_textrl.lm.loading
 from sb3_textrl.policies import LMPolicy
 from sb3_textrl.rewards import get_reward_fn, score_completions
 
-ENV_ID = "sb3_textrl/TextGeneration-v0"
 PROMPTS = ["Hi", "Write one sentence about rain."]
 
 

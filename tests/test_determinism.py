@@ -1,7 +1,8 @@
-"""Same seed, same run on CPU: the same completions and bit-identical weights (see docs/bad_inputs.md for GPU limits)."""
+"""Same seed, same run on CPU: the same completions and bit-identical weights (see docs/checkpoints.md for GPU limits)."""
 
 import numpy as np
 import torch as th
+from conftest import ENV_ID
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.env_util import make_vec_env
@@ -10,7 +11,6 @@ from sb3_textrl.common.buffers import EpisodeRolloutBuffer
 from sb3_textrl.common.callbacks import KLPenaltyCallback, RolloutHistoryCallback
 from sb3_textrl.common.evaluation import evaluate_prompts
 
-ENV_ID = "sb3_textrl/TextGeneration-v0"
 PROMPTS = ["Write one sentence about rain.", "Hi", "Write a short review of a cafe.", "The ocean"]
 
 

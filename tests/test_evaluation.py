@@ -1,17 +1,19 @@
+"""Held-out evaluation (sb3_textrl.common.evaluation): padding, generation, sequence log-probs, distinct-n, and
+evaluate_prompts against the environment's own rollouts."""
+
 import math
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from conftest import ENV_ID, PROMPTS
 from stable_baselines3 import PPO
 from transformers import AutoModelForCausalLM
 
 import sb3_textrl
-from sb3_textrl.common.evaluation import evaluate_prompts, generate_tokens, left_pad, sequence_log_prob
-
-ENV_ID = "sb3_textrl/TextGeneration-v0"
-PROMPTS = ["Hi", "Write one sentence about rain.", "Write a short review of a cafe."]
+from sb3_textrl.common.evaluation import distinct_n, evaluate_prompts, generate_tokens, left_pad, sequence_log_prob
+from sb3_textrl.lm.tokens import encode_prompt
 
 
 def n_chars(prompts, completions):
@@ -55,6 +57,13 @@ def test_generate_tokens_stops_at_eos(tiny_llama_path):
     assert generate_tokens(lm, [prompt], 5, eos_token_ids=[first], pad_token_id=0, do_sample=False) == [[first]]
 
 
+def test_distinct_n_by_hand():
+    assert distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # (a b), (b a), (a b)
+    assert distinct_n(["x y", "x z"], 1) == pytest.approx(3 / 4)
+    assert math.isnan(distinct_n(["", "one"], 2))
+
+
 def env_greedy_completions(model, env):
     completions = []
     for i in range(len(PROMPTS)):
@@ -89,9 +98,8 @@ def test_evaluate_prompts_matches_env(tiny_lm_path):
 def test_evaluate_prompts_same_formatting_as_env(tiny_llama_path):
     env = make_env(tiny_llama_path).unwrapped
     for prompt in PROMPTS:
-        ids = sb3_textrl.envs.text_generation.encode_prompt(env.tokenizer, prompt, use_chat_template=True)
-        env.reset(options={"prompt": prompt})
-        obs = env._get_obs()
+        ids = encode_prompt(env.tokenizer, prompt, use_chat_template=True)
+        obs, _ = env.reset(options={"prompt": prompt})
         np.testing.assert_array_equal(obs["input_ids"][obs["attention_mask"] == 1], ids)
 
 
@@ -101,3 +109,13 @@ def test_evaluate_without_reference(tiny_gpt2_path):
     result = evaluate_prompts(model.policy, PROMPTS[:2], reward_fn="vader", max_new_tokens=3, n_samples=1)
     assert math.isnan(result.kl)
     assert -1.0 <= result.reward_sampled <= 1.0
+
+
+def test_untrained_policy_has_no_kl_and_reference_perplexity(tiny_llama_path):
+    env = gym.make(ENV_ID, model_name_or_path=tiny_llama_path, prompts=["rain"], max_new_tokens=5)
+    model = PPO("LMPolicy", env, n_steps=8, batch_size=8)
+    result = evaluate_prompts(model.policy, ["rain", "the sun"], max_new_tokens=5, n_samples=2)
+    assert result.kl == pytest.approx(0.0, abs=1e-4)
+    # a random 300-token LM: its own samples have a perplexity of the order of the vocabulary size
+    assert 30 < result.ref_perplexity < 3000
+    assert 0 < result.distinct_1 <= 1

@@ -1,10 +1,11 @@
-"""KL estimators, the fixed and adaptive KL controllers (Ziegler et al. 2019), and their use in KLPenaltyCallback."""
+"""KL estimators (k1, k3 of Schulman's "Approximating KL Divergence") and the fixed and adaptive KL controllers
+(Ziegler et al. 2019), by hand and in a closed training loop. The callback that applies them: test_callbacks.py."""
 
 import numpy as np
 import pytest
+from conftest import SHORT_PROMPTS, make_vec
 from stable_baselines3 import PPO
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.callbacks import CallbackList
 
 from sb3_textrl import AdaptiveKLController, FixedKLController, KLPenaltyCallback
 from sb3_textrl.common.buffers import EpisodeRolloutBuffer
@@ -59,60 +60,9 @@ def test_adaptive_controller_bad_arguments(kwargs, match):
         AdaptiveKLController(**kwargs)
 
 
-def test_callback_rejects_unknown_estimator():
-    with pytest.raises(ValueError, match="estimator"):
-        KLPenaltyCallback(0.1, estimator="k9")
-
-
-def _env(path: str, reward_fn, max_new_tokens: int):
-    env_kwargs = dict(model_name_or_path=path, prompts=["the sun is good", "rain"], reward_fn=reward_fn,
-                      max_new_tokens=max_new_tokens, render_mode=None)  # fmt: skip
-    return make_vec_env("sb3_textrl/TextGeneration-v0", n_envs=4, seed=0, env_kwargs=env_kwargs)
-
-
-def _model(path: str) -> PPO:
-    env = _env(path, lambda p, c: [float("good" in x) for x in c], max_new_tokens=4)
-    return PPO("LMPolicy", env, n_steps=8, batch_size=32, n_epochs=4, learning_rate=3e-3, seed=0,
-               rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
-
-
-def test_adaptive_kl_follows_its_target(tiny_llama_path):
-    """The coefficient rises while the KL is above target and falls while below, once per rollout."""
-    model = _model(tiny_llama_path)
-    controller = AdaptiveKLController(kl_coef=0.05, target=0.5, horizon=40)
-    kl_callback = KLPenaltyCallback(controller, estimator="k3")
-    history = RolloutHistoryCallback(kl_callback)
-    model.learn(32 * 12, callback=CallbackList([kl_callback, history]))
-    coefs = [0.05] + [h["kl_coef"] for h in history.history]
-    for before, after, h in zip(coefs[:-1], coefs[1:], history.history):
-        error = np.clip(h["kl"] / 0.5 - 1, -0.2, 0.2)
-        assert after == pytest.approx(before * (1 + error * h["episodes"] / 40), rel=1e-6)
-        assert (after > before) == (h["kl"] > 0.5) or error == 0
-    assert all(h["kl"] >= 0 for h in history.history)  # k3 is never negative
-    assert model.logger.name_to_value  # the logger got its keys on each rollout
-
-
-def test_logged_keys(tiny_llama_path):
-    model = _model(tiny_llama_path)
-    seen = {}
-
-    class Grab(BaseCallback):
-        def _on_step(self):
-            return True
-
-        def _on_rollout_end(self):
-            seen.update(self.logger.name_to_value)
-
-    kl_callback = KLPenaltyCallback(0.2)
-    model.learn(32, callback=CallbackList([kl_callback, Grab()]))
-    for key in ("rollout/ref_kl", "rollout/ref_kl_per_token", "rollout/score", "rollout/penalized_return", "train/kl_coef"):
-        assert key in seen
-    assert seen["train/kl_coef"] == 0.2
-    assert seen["rollout/penalized_return"] == pytest.approx(seen["rollout/score"] - 0.2 * seen["rollout/ref_kl"])
-
-
 def _kl_run(path: str, kl_coef, rollouts: int) -> tuple[list[float], list[float]]:
-    env = _env(path, lambda p, c: [0.2 * x.count("e") for x in c], max_new_tokens=6)
+    env = make_vec(path, n_envs=4, max_new_tokens=6, reward_fn=lambda p, c: [0.2 * x.count("e") for x in c],
+                   prompts=SHORT_PROMPTS, render_mode=None)  # fmt: skip
     model = PPO("LMPolicy", env, n_steps=12, batch_size=48, n_epochs=4, learning_rate=3e-3, seed=0,
                 rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
     kl_callback = KLPenaltyCallback(kl_coef)  # k1: the penalty whose policy gradient is the KL's gradient

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch as th
-from test_checkpointing import hessian_vector_product
+from test_activation_checkpointing import hessian_vector_product
 from test_prefix_sharing import SYSTEM_PROMPT, _env, _steps  # the same envs and random episodes
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm

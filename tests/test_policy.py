@@ -1,3 +1,5 @@
+import warnings
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -12,7 +14,9 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import sb3_textrl
-from sb3_textrl.policies import CausalLMActorCriticPolicy, LMPolicy, covering_rows
+from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+from sb3_textrl.lm.tokens import covering_rows, steps_out_of_order
+from sb3_textrl.policies import CausalLMActorCriticPolicy, LMPolicy
 from sb3_textrl.registration import register_policy_alias
 
 ENV_ID = "sb3_textrl/TextGeneration-v0"
@@ -163,6 +167,59 @@ def test_covering_rows_by_hand():
     rows, cover = covering_rows(input_ids, attention_mask)
     assert rows.tolist() == [0, 2, 3]
     assert rows[cover].tolist() == [0, 0, 2, 3, 0]
+
+
+def test_steps_out_of_order(tiny_llama_path):
+    """Steps whose previous step is in the batch but not right before them, as in a shuffled minibatch."""
+    env = make_env(tiny_llama_path)
+    episodes = collect_episodes(env, 4)
+    assert all(len(episode) == 5 for episode in episodes)
+
+    def out_of_order(steps, continued=None):
+        obs, _ = stack(steps)
+        ids, mask = obs["input_ids"], obs["attention_mask"]
+        if continued is not None:
+            other = stack(continued)[0]
+            continued = (other["input_ids"], other["attention_mask"])
+        return steps_out_of_order(ids, mask, covering_rows(ids, mask)[1], continued)
+
+    assert not out_of_order([step for episode in episodes for step in episode])  # EpisodeRolloutBuffer's order
+    assert not out_of_order([episode[t] for episode in episodes for t in (0, 2, 4)])  # in order, steps missing
+    shuffled = [step for episode in episodes for step in episode]
+    shuffled = [shuffled[i] for i in np.random.default_rng(0).permutation(len(shuffled))]
+    assert out_of_order(shuffled)  # SB3's order (LMPolicy checks no minibatch that holds the whole rollout)
+    assert out_of_order([episode[t] for episode in episodes[:2] for t in (3, 2)])  # step 3 before step 2, twice
+    assert not out_of_order([episode[t] for episode in episodes[:1] for t in (3, 2)])  # once: not enough
+    # rows that continue episodes begun before the batch's data may have their previous step anywhere
+    continued = [episode[3] for episode in episodes[:2]]
+    assert not out_of_order([episode[t] for episode in episodes[:2] for t in (3, 2)], continued)
+
+
+def learn_and_catch(model, total_timesteps):
+    """The shuffled-buffer warnings that ``model.learn(total_timesteps)`` gives."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.learn(total_timesteps)
+    return [w for w in caught if "EpisodeRolloutBuffer" in str(w.message)]
+
+
+def test_warns_once_on_a_shuffled_buffer(tiny_llama_path):
+    model = PPO("LMPolicy", make_env(tiny_llama_path), n_steps=16, batch_size=4, n_epochs=2, seed=0)
+    caught = learn_and_catch(model, 32)
+    assert len(caught) == 1 and caught[0].category is UserWarning
+    assert "`rollout_buffer_class=EpisodeRolloutBuffer`" in str(caught[0].message)
+    assert caught[0].filename.endswith("ppo.py")  # from PPO.train(), not from the rollout
+    assert not learn_and_catch(model, 32)  # once per policy
+
+
+@pytest.mark.parametrize(
+    "algo, kwargs",
+    [(PPO, dict(batch_size=4, n_epochs=2, rollout_buffer_class=EpisodeRolloutBuffer)), (A2C, {})],
+    ids=["ppo_episode_buffer", "a2c_whole_rollout"],
+)
+def test_no_warning_for_whole_episodes(tiny_llama_path, algo, kwargs):
+    model = algo("LMPolicy", make_env(tiny_llama_path), n_steps=16, seed=0, **kwargs)
+    assert not learn_and_catch(model, 48)
 
 
 def test_reference_model_is_separate(tiny_llama_path):
@@ -323,192 +380,6 @@ def test_sampling_follows_the_distribution(tiny_llama_path):
     # near uniform at init: the empirical frequencies match the softmax
     assert (counts - probs).abs().max() < 0.01
     assert len(actions.unique()) > 200
-
-
-def fresh_distribution(policy, obs):
-    """Logits and values from a full forward pass (gradients on: the rollout KV cache is not used)."""
-    with th.enable_grad():
-        distribution, values = policy._distribution_and_values(obs)
-    return distribution.distribution.logits.detach(), values.detach()
-
-
-@pytest.mark.parametrize(
-    "n_envs, attn_implementation, max_packed_prefill",
-    [(1, "sdpa", 256), (3, "sdpa", 256), (3, "eager", 256), (3, "sdpa", 0)],  # 0: new rows run as a padded batch
-)
-def test_kv_cache_matches_full_forward(tiny_lm_path, n_envs, attn_implementation, max_packed_prefill, monkeypatch):
-    from stable_baselines3.common.env_util import make_vec_env
-
-    from sb3_textrl import kv_cache
-
-    monkeypatch.setattr(kv_cache, "_MAX_PACKED_PREFILL", max_packed_prefill)
-    env = make_vec_env(lambda: make_env(tiny_lm_path, max_new_tokens=4), n_envs=n_envs, seed=0)
-    policy = make_policy(env, model_kwargs=dict(attn_implementation=attn_implementation))
-    assert policy.lm.config._attn_implementation == attn_implementation
-    policy.set_training_mode(False)  # as in a rollout: the cache serves eval-mode calls without gradients
-    assert policy.use_kv_cache
-    with th.no_grad():
-        th.nn.init.normal_(policy.value_head.weight, std=1.0)
-    eos = policy.tokenizer.eos_token_id
-    rng = np.random.default_rng(0)
-    obs = env.reset()
-    n_resets = 0
-    for _ in range(30):
-        obs_t, _ = policy.obs_to_tensor(obs)
-        with th.no_grad():  # the rollout path: incremental forwards on the KV cache
-            distribution, values = policy._distribution_and_values(obs_t)
-        cached_logits = distribution.distribution.logits  # SB3 reuses the distribution object: keep the tensor
-        logits, expected_values = fresh_distribution(policy, obs_t)
-        th.testing.assert_close(cached_logits, logits, atol=1e-4, rtol=0)
-        th.testing.assert_close(values, expected_values, atol=1e-4, rtol=0)
-        assert policy._kv_cache.length > 0  # the cached path was taken
-        # random tokens, with early EOS: episodes of different lengths and resets at different steps
-        actions = np.where(rng.random(n_envs) < 0.2, eos, rng.integers(3, 300, n_envs))
-        obs, _, dones, _ = env.step(actions)
-        n_resets += dones.sum()
-    assert n_resets >= 5
-
-
-def test_kv_cache_one_forward_for_steps_and_restarts(tiny_llama_path):
-    """A call where some envs take a step and others restart runs one forward, over the new tokens only (packed)."""
-    env = make_env(tiny_llama_path, max_new_tokens=4)
-    policy = make_policy(env, prefix_sharing=False)  # row 1 then runs all its tokens
-    policy.set_training_mode(False)  # as in a rollout
-    steps = [step for episode in collect_episodes(env, 3) for step in episode]
-    first, second = stack([steps[0], steps[1]])[0], stack([steps[1], steps[len(steps) // 2]])[0]
-    assert first["input_ids"].shape == second["input_ids"].shape
-    calls = []
-    hook = policy.lm.base_model.register_forward_pre_hook(
-        lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
-    )
-    with th.no_grad():
-        policy.get_distribution(first)  # fills the cache
-        calls.clear()
-        logits = policy.get_distribution(second).distribution.logits  # row 0 takes a step, row 1 is a new episode
-    hook.remove()
-    n_new = 1 + int(second["attention_mask"][1].sum())  # row 0's new token, all of row 1's tokens
-    assert calls == [(1, n_new)]
-    th.testing.assert_close(logits, fresh_distribution(policy, second)[0], atol=1e-4, rtol=0)
-
-
-def test_kv_cache_any_sequence_of_observations(tiny_llama_path):
-    env = make_env(tiny_llama_path, max_new_tokens=4)
-    policy = make_policy(env)
-    policy.set_training_mode(False)
-    steps = [step for episode in collect_episodes(env, 4) for step in episode]
-    rng = np.random.default_rng(1)
-    for _ in range(12):  # batches of unrelated observations, some repeated, some one token longer
-        batch = [steps[i] for i in rng.choice(len(steps), size=3)]
-        obs, _ = stack(batch)
-        with th.no_grad():
-            logits = policy.get_distribution(obs).distribution.logits
-        th.testing.assert_close(logits, fresh_distribution(policy, obs)[0], atol=1e-4, rtol=0)
-        assert policy._kv_cache.length > 0
-
-
-def test_kv_cache_reset_on_weight_updates(tiny_llama_path):
-    env = make_env(tiny_llama_path)
-    policy = make_policy(env)
-    obs, actions = stack([step for episode in collect_episodes(env, 1) for step in episode][:2])
-
-    def check():
-        with th.no_grad():
-            cached = policy.get_distribution(obs).distribution.logits
-        th.testing.assert_close(cached, fresh_distribution(policy, obs)[0], atol=1e-5, rtol=0)
-
-    check()
-    # an optimizer step
-    policy.set_training_mode(False)
-    loss = -policy.evaluate_actions(obs, actions)[1].mean()
-    policy.optimizer.zero_grad()
-    loss.backward()
-    policy.optimizer.step()
-    check()
-    # loading weights
-    state = {k: v + 0.01 for k, v in policy.state_dict().items()}
-    policy.load_state_dict(state)
-    check()
-    # switching to training mode (weights may change in place after it)
-    with th.no_grad():
-        policy.lm.get_input_embeddings().weight.mul_(1.5)
-    policy.set_training_mode(True)
-    policy.set_training_mode(False)
-    check()
-
-
-def test_kv_cache_after_in_place_weight_change(tiny_llama_path):
-    env = make_env(tiny_llama_path)
-    policy = make_policy(env)
-    policy.set_training_mode(False)
-    obs, _ = stack([step for episode in collect_episodes(env, 1) for step in episode][:2])
-    with th.no_grad():
-        policy.get_distribution(obs)
-        assert policy._kv_cache.length > 0
-        for param in policy.lm.parameters():
-            param.data = param.data + 0.05 * th.randn_like(param)
-        cached = policy.get_distribution(obs).distribution.logits
-    th.testing.assert_close(cached, fresh_distribution(policy, obs)[0], atol=1e-4, rtol=0)
-
-
-def test_no_kv_cache(tiny_llama_path):
-    env = make_env(tiny_llama_path)
-    cached, uncached = make_policy(env), make_policy(env, use_kv_cache=False)
-    assert uncached._get_constructor_parameters()["use_kv_cache"] is False
-    steps = [step for episode in collect_episodes(env, 2) for step in episode]
-    for obs_np, action in steps:
-        obs = {key: th.as_tensor(value[None]) for key, value in obs_np.items()}
-        with th.no_grad():
-            a = cached.evaluate_actions(obs, th.tensor([action]))
-            b = uncached.evaluate_actions(obs, th.tensor([action]))
-        for x, y in zip(a, b):
-            th.testing.assert_close(x, y, atol=1e-5, rtol=0)
-
-
-def repeat_then_extend(policy, env, n_repeats):
-    obs, _ = env.reset(seed=0)
-    for _ in range(n_repeats):
-        policy.predict(obs, deterministic=True)
-    obs, *_ = env.step(100)
-    obs_t, _ = policy.obs_to_tensor(obs)
-    with th.no_grad():
-        cached = policy.get_distribution(obs_t).distribution.logits
-    return cached, fresh_distribution(policy, obs_t)[0]
-
-
-def test_kv_cache_repeated_observation_stays_correct(tiny_llama_path):
-    env = make_env(tiny_llama_path)
-    cached, fresh = repeat_then_extend(make_policy(env), env, n_repeats=40)
-    th.testing.assert_close(cached, fresh, atol=1e-4, rtol=0)
-
-
-def test_kv_cache_repeated_observation_bounded(tiny_llama_path):
-    env = make_env(tiny_llama_path)
-    policy = make_policy(env)
-    repeat_then_extend(policy, env, n_repeats=40)
-    # the cache never needs more columns than an observation has
-    assert policy._kv_cache.length <= env.unwrapped.max_length
-
-
-def test_kv_cache_of_deepcopied_policy(tiny_llama_path):
-    import copy
-
-    env = make_env(tiny_llama_path)
-    policy = make_policy(env)
-    obs, actions = stack([step for episode in collect_episodes(env, 1) for step in episode][:2])
-    policy.set_training_mode(False)
-    clone = copy.deepcopy(policy)
-    assert clone.optimizer is not policy.optimizer
-    with th.no_grad():
-        clone.get_distribution(obs)  # fills the copy's cache
-    assert clone._kv_cache.length > 0 and policy._kv_cache.length == 0
-    loss = -clone.evaluate_actions(obs, actions)[1].mean()
-    clone.optimizer.zero_grad()
-    loss.backward()
-    clone.optimizer.step()
-    assert all(p.grad is None for p in clone.parameters())  # the copy's optimizer kept the policy's post-step hook
-    with th.no_grad():
-        cached = clone.get_distribution(obs).distribution.logits
-    th.testing.assert_close(cached, fresh_distribution(clone, obs)[0], atol=1e-4, rtol=0)
 
 
 def test_gradients_released_after_each_step(tiny_llama_path):

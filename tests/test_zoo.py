@@ -108,7 +108,7 @@ def test_optuna_two_workers_share_sqlite_study(tmp_path: Path, tiny_conf: Path):
         assert list((tmp_path / f"worker{i}" / "ppo").glob("report_*.csv"))
 
 
-def test_hooks():
+def test_hooks(monkeypatch):
     assert zoo.is_lm_policy("LMPolicy") and zoo.is_lm_policy("sb3_textrl.policies.CausalLMActorCriticPolicy")
     assert zoo.is_lm_policy(CausalLMActorCriticPolicy) and not zoo.is_lm_policy("MlpPolicy")
 
@@ -121,17 +121,13 @@ def test_hooks():
 
     zoo.install()  # idempotent
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
-    previous = zoo._uses_lm_policy
-    try:
-        zoo._uses_lm_policy = True
-        sampled = HYPERPARAMS_SAMPLER["ppo"](trial, 0, 1, {})
-        assert "policy_kwargs" not in sampled  # the YAML's policy_kwargs (model_kwargs, LoRA...) are kept
-        assert sampled == trial.params and HYPERPARAMS_CONVERTER["ppo"](trial.params) == sampled
-        zoo._uses_lm_policy = False  # MlpPolicy on the seed envs: the zoo's own sampler
-        stock = HYPERPARAMS_SAMPLER["a2c"](optuna.create_study().ask(), 0, 1, {})
-        assert "net_arch" in stock["policy_kwargs"]
-    finally:
-        zoo._uses_lm_policy = previous
+    monkeypatch.setattr(zoo, "uses_lm_policy", True)
+    sampled = HYPERPARAMS_SAMPLER["ppo"](trial, 0, 1, {})
+    assert "policy_kwargs" not in sampled  # the YAML's policy_kwargs (model_kwargs, LoRA...) are kept
+    assert sampled == trial.params and HYPERPARAMS_CONVERTER["ppo"](trial.params) == sampled
+    monkeypatch.setattr(zoo, "uses_lm_policy", False)  # MlpPolicy on the seed envs: the zoo's own sampler
+    stock = HYPERPARAMS_SAMPLER["a2c"](optuna.create_study().ask(), 0, 1, {})
+    assert "net_arch" in stock["policy_kwargs"]
 
 
 @pytest.mark.parametrize("algo", ["ppo", "a2c"])

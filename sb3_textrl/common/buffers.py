@@ -9,22 +9,25 @@ import numpy as np
 from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
 
+__all__ = ["EpisodeRolloutBuffer"]
+
 
 class EpisodeRolloutBuffer(DictRolloutBuffer):
     """
     A ``DictRolloutBuffer`` whose minibatches hold whole episodes, in a random episode order.
 
     ``LMPolicy`` computes all the steps of an episode from one forward pass over its last observation
-    (see :func:`sb3_textrl.policies.covering_rows`), so a minibatch of whole episodes costs one forward pass per
+    (see :func:`sb3_textrl.lm.tokens.covering_rows`), so a minibatch of whole episodes costs one forward pass per
     episode instead of one per step. Pass it to any on-policy algorithm with
     ``PPO("LMPolicy", env, rollout_buffer_class=EpisodeRolloutBuffer)``; the training loop stays stock.
 
     Episodes are packed greedily into minibatches of at most ``batch_size`` steps (an episode longer than
     ``batch_size`` forms a minibatch of its own), so minibatch sizes vary. Episodes cut by the rollout's end are
-    treated as episodes of their own.
+    treated as episodes of their own. The constructor's arguments are ``DictRolloutBuffer``'s.
     """
 
     def reset(self) -> None:
+        """Empty the buffer (``DictRolloutBuffer.reset``) and forget the episode boundaries."""
         super().reset()
         self._episodes: list[np.ndarray] | None = None
 
@@ -37,7 +40,15 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
         self.generator_ready = True
 
     def episode_indices(self) -> list[np.ndarray]:
-        """The flat indices of each episode's steps, in order (valid once the buffer is full)."""
+        """
+        Where each episode's steps lie in the flattened buffer (valid once the buffer is full).
+
+        The flattened buffer is env-major: step ``s`` of env ``e`` is at index ``e * n_steps + s``. The first step of
+        the rollout starts an episode in each env (a cut one, if it began in the previous rollout).
+
+        :return: one int64 array of flat indices per episode, its steps in time order; the episodes in env order,
+            then time order
+        """
         if self._episodes is None:
             starts = self.episode_starts.astype(bool).copy()
             starts[0, :] = True  # the rollout's first step starts a (possibly cut) episode in each env
@@ -47,6 +58,13 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
         return self._episodes
 
     def get(self, batch_size: int | None = None) -> Generator[DictRolloutBufferSamples, None, None]:
+        """
+        Yield minibatches of whole episodes, the episodes in a random order (``np.random``), each minibatch at most
+        ``batch_size`` steps unless it is one longer episode; every step appears once per call.
+
+        :param batch_size: the most steps per minibatch (default ``None``: the whole rollout in one minibatch)
+        :return: a generator of ``DictRolloutBufferSamples``, each holding the steps of its episodes in order
+        """
         assert self.full, ""
         if not self.generator_ready:
             self._flatten()

@@ -1,5 +1,9 @@
-"""SB3 callbacks for RLHF-style fine-tuning: the KL penalty against the reference model, rollout history, and
-evaluation on held-out prompts."""
+"""SB3 callbacks for RLHF-style fine-tuning of an ``LMPolicy``: the KL penalty against the reference model
+(:class:`KLPenaltyCallback`), the per-rollout history of scores and KL (:class:`RolloutHistoryCallback`), and the
+evaluation on held-out prompts (:class:`LMEvalCallback`).
+
+Each subclasses SB3's ``BaseCallback``; pass them to ``model.learn(..., callback=CallbackList([...]))``.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from sb3_textrl.common.evaluation import evaluate_prompts
 from sb3_textrl.common.kl import KL_ESTIMATORS, FixedKLController, estimate_kl
+from sb3_textrl.common.plotting import plot_eval_curves, samples_markdown  # also importable from here, as before
 from sb3_textrl.policies import CausalLMActorCriticPolicy
 from sb3_textrl.rewards import RewardFn
 
@@ -21,7 +26,16 @@ __all__ = ["EVAL_KEYS", "EpisodeScores", "KLPenaltyCallback", "LMEvalCallback", 
 
 
 def flat_observations(buffer: RolloutBuffer | DictRolloutBuffer, device: th.device) -> dict[str, th.Tensor] | th.Tensor:
-    """The buffer's observations as ``(n_steps * n_envs, ...)`` tensors, in the buffer's (step, env) order."""
+    """
+    The observations of a filled (not yet flattened) rollout buffer as one batch, in the buffer's (step, env) order:
+    row ``s * n_envs + e`` is env ``e``'s observation at step ``s``.
+
+    :param buffer: an SB3 rollout buffer whose observations are ``(n_steps, n_envs, ...)`` arrays (a dict of them for
+        a ``DictRolloutBuffer``)
+    :param device: where to put the tensors
+    :return: ``(n_steps * n_envs, ...)`` tensors of the buffer's dtypes (a dict with the buffer's keys, e.g.
+        ``input_ids`` and ``attention_mask`` int64 ``(n_steps * n_envs, max_length)``), or one tensor
+    """
     if isinstance(buffer.observations, dict):
         return {
             key: th.as_tensor(value.reshape(-1, *value.shape[2:]), device=device) for key, value in buffer.observations.items()
@@ -30,13 +44,22 @@ def flat_observations(buffer: RolloutBuffer | DictRolloutBuffer, device: th.devi
 
 
 class EpisodeScores:
-    """The raw scores (``info["score"]``) and per-term scores (``info["score_terms"]``) of the episodes that end."""
+    """
+    The raw scores (``info["score"]``) and per-term scores (``info["score_terms"]``) of the episodes that end, collected
+    step by step: ``scores`` (one float per finished episode) and ``terms`` (``{term: [float, ...]}``).
+    """
 
     def __init__(self) -> None:
         self.scores: list[float] = []
         self.terms: dict[str, list[float]] = {}
 
     def collect(self, infos: list[dict], dones: np.ndarray) -> None:
+        """
+        Keep the scores of the episodes that ended in this vectorized step (those without ``"score"`` are skipped).
+
+        :param infos: the step's infos (one dict for each env)
+        :param dones: whether each env's episode ended (one bool for each env)
+        """
         for info, done in zip(infos, dones):
             if done and "score" in info:
                 self.scores.append(float(info["score"]))
@@ -44,9 +67,11 @@ class EpisodeScores:
                     self.terms.setdefault(term, []).append(float(value))
 
     def mean(self) -> float:
+        """The mean score of the episodes kept, ``nan`` when there is none."""
         return float(np.mean(self.scores)) if self.scores else float("nan")
 
     def clear(self) -> None:
+        """Forget the episodes kept."""
         self.scores, self.terms = [], {}
 
 
@@ -60,8 +85,10 @@ class KLPenaltyCallback(BaseCallback):
     Models from Human Preferences", https://arxiv.org/abs/1909.08593.
 
     At the end of each rollout, the reference log-probs of all its steps are computed in one batched pass (one forward
-    per episode), the buffer's rewards are penalised, and returns and advantages (GAE) are recomputed; then an adaptive
-    controller updates the coefficient.
+    per episode), the buffer's rewards are penalised, and returns and advantages are recomputed with the buffer's own
+    GAE (Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
+    https://arxiv.org/abs/1506.02438); then the controller updates the coefficient
+    (:class:`~sb3_textrl.common.kl.AdaptiveKLController`: the controller of Ziegler et al., section 2.2).
 
     Logged: ``rollout/ref_kl`` (mean KL per episode, nats: total KL over the number of finished episodes),
     ``rollout/ref_kl_per_token``, ``rollout/score`` (mean raw score, ``info["score"]``, of the episodes that finished),
@@ -69,13 +96,14 @@ class KLPenaltyCallback(BaseCallback):
     ``rollout/penalized_return`` (mean score minus ``kl_coef`` times KL per episode) and ``train/kl_coef``
     (the coefficient used for this rollout).
 
-    :param kl_coef: the KL penalty coefficient (beta): a number (fixed; 0 disables the penalty, KL is still logged),
-        or a controller, e.g. ``AdaptiveKLController(kl_coef=0.1, target=6.0, horizon=10_000)``
+    :param kl_coef: the KL penalty coefficient (beta, >= 0; default 0.05): a number (fixed; 0 disables the penalty, KL is
+        still logged), or a controller, e.g. ``AdaptiveKLController(kl_coef=0.1, target=6.0, horizon=10_000)``
     :param estimator: per-token KL estimator, ``"k1"`` or ``"k3"`` (see :mod:`sb3_textrl.common.kl`). Default ``"k1"``: as a
         reward penalty, only k1's policy gradient equals the KL's gradient; k3's is biased (k3 itself depends on the
         policy) and, with an adaptive controller, can let the KL grow while the coefficient rises
     :param verbose: verbosity level
-    :raises ValueError: if ``kl_coef`` is negative, the estimator unknown, or the policy has no reference model
+    :raises ValueError: if ``kl_coef`` is negative or not finite, or the estimator unknown; at the start of training,
+        if the policy is not an ``LMPolicy`` with a reference model
     """
 
     def __init__(self, kl_coef: float | FixedKLController = 0.05, estimator: str = "k1", verbose: int = 0):
@@ -89,7 +117,7 @@ class KLPenaltyCallback(BaseCallback):
 
     @property
     def kl_coef(self) -> float:
-        """The current KL penalty coefficient."""
+        """The current KL penalty coefficient (the controller's), used for the next rollout."""
         return self.controller.kl_coef
 
     def _init_callback(self) -> None:
@@ -136,7 +164,12 @@ class RolloutHistoryCallback(BaseCallback):
 
     ``history`` is a list of dicts with keys ``timesteps``, ``score`` (mean raw score, ``nan`` if no episode
     finished), ``episodes``, and ``kl`` and ``kl_coef`` (from a :class:`KLPenaltyCallback` given as ``kl_callback``,
-    placed before this callback; else ``nan``). ``kl_coef`` is the coefficient for the next rollout.
+    placed before this callback; else ``nan``). ``kl_coef`` is the coefficient for the next rollout. A combined reward
+    adds ``score/<term>`` for each of its terms. Every value is a Python float; scores are in the reward's units, KL in
+    nats per episode.
+
+    :param kl_callback: the run's KL penalty callback, if any (default: none)
+    :param verbose: verbosity level
     """
 
     def __init__(self, kl_callback: KLPenaltyCallback | None = None, verbose: int = 0):
@@ -188,15 +221,16 @@ class LMEvalCallback(BaseCallback):
     (``samples.md``) and the curves as a PNG (``eval_curves.png``) after each evaluation.
 
     :param prompts: held-out prompts
-    :param eval_freq: evaluate every this many rollouts (> 0)
-    :param reward_fn: reward name or callable, as in the environment
+    :param eval_freq: evaluate every this many rollouts (>= 1, default 10)
+    :param reward_fn: reward name or callable, as in the environment (default ``"vader"``; completion-level only)
     :param reward_kwargs: keyword arguments of a named reward
-    :param max_new_tokens: completion length limit
-    :param n_samples: sampled completions per prompt
-    :param n_table: sample completions kept in the table
-    :param log_path: folder for ``samples.md`` and ``eval_curves.png`` (optional)
+    :param max_new_tokens: completion length limit, in tokens (default 32)
+    :param n_samples: sampled completions per prompt (default 1)
+    :param n_table: sample completions kept in the table (default 4)
+    :param log_path: folder for ``samples.md`` and ``eval_curves.png`` (default: none, nothing written)
     :param verbose: 1 prints the metrics and the table
-    :raises ValueError: for an empty prompt list or ``eval_freq`` < 1, or a policy that is not an ``LMPolicy``
+    :raises ValueError: for an empty prompt list or ``eval_freq`` < 1; at the start of training, for a policy that is
+        not an ``LMPolicy``
     """
 
     def __init__(
@@ -240,7 +274,12 @@ class LMEvalCallback(BaseCallback):
             self.evaluate()
 
     def evaluate(self) -> dict[str, float]:
-        """Evaluate now, log, and return the metrics."""
+        """
+        Evaluate now (the policy in eval mode, then back to its mode), log under ``eval/``, keep the result and, with
+        ``log_path``, write ``samples.md`` and ``eval_curves.png``.
+
+        :return: ``timesteps`` and the fields of :data:`EVAL_KEYS`, as floats
+        """
         policy: CausalLMActorCriticPolicy = self.model.policy  # type: ignore[assignment]
         training = policy.training
         policy.set_training_mode(False)
@@ -267,41 +306,6 @@ class LMEvalCallback(BaseCallback):
         return {"results": self.results, "last_samples": self.last_samples, "n_rollouts": self.n_rollouts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`state_dict` returned."""
         self.results, self.last_samples, self.n_rollouts = state["results"], state["last_samples"], state["n_rollouts"]
 
-
-def samples_markdown(samples: list[dict[str, str | float]]) -> str:
-    """A Markdown table of sample completions with their scores."""
-    rows = ["| prompt | greedy | score | sampled | score |", "|---|---|---|---|---|"]
-    for s in samples:
-        cells = [str(s["prompt"]), str(s["greedy"]).strip(), f"{s['greedy_score']:+.2f}"]
-        cells += [str(s["sampled"]).strip(), f"{s['sampled_score']:+.2f}"]
-        rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    return "\n".join(rows)
-
-
-def plot_eval_curves(results: list[dict[str, float]], path: str) -> str:
-    """Draw the evaluation metrics against timesteps into a PNG (one panel per metric)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["timesteps"] for r in results]
-    panels = [("reward", ["reward_greedy", "reward_sampled"]), ("KL to reference (nats)", ["kl"]),
-              ("perplexity under reference", ["ref_perplexity"]), ("distinct-n", ["distinct_1", "distinct_2"])]  # fmt: skip
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    for ax, (title, fields) in zip(axes, panels):
-        for field in fields:
-            values = [r[field] for r in results]
-            if not all(np.isnan(values)):
-                ax.plot(steps, values, marker=".", label=field)
-        ax.set_title(title)
-        ax.set_xlabel("timesteps (tokens)")
-        ax.grid(alpha=0.3)
-        if len(fields) > 1:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

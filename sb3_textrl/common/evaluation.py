@@ -1,4 +1,5 @@
-"""Held-out evaluation of an LM policy: completions with ``generate``, their scores, and the KL to the reference model."""
+"""Held-out evaluation of an LM policy: completions with ``generate``, their scores, the KL to the reference model,
+the perplexity under it, and distinct-n (:func:`evaluate_prompts`, which :class:`~sb3_textrl.LMEvalCallback` runs)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ from sb3_textrl.lm.tokens import encode_prompt, position_ids
 from sb3_textrl.policies import CausalLMActorCriticPolicy
 from sb3_textrl.rewards import RewardFn, get_reward_fn, is_per_token, score_completions
 
+__all__ = ["EvaluationResult", "distinct_n", "evaluate_prompts", "generate_tokens", "left_pad", "sequence_log_prob"]
+
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[th.Tensor, th.Tensor]:
-    """Left-pad token id lists into ``(batch, max_len)`` int64 ``input_ids`` and ``attention_mask``."""
+    """
+    Left-pad token id lists into one batch.
+
+    :param sequences: the token ids of each row (a row may be empty)
+    :param pad_token_id: the id of the padding slots
+    :return: ``input_ids`` and ``attention_mask``, both ``(len(sequences), max_len)`` int64 on CPU, ``max_len`` the
+        longest row's length; the mask is 1 on the tokens, 0 on the padding
+    """
     width = max(len(s) for s in sequences)
     input_ids = th.full((len(sequences), width), pad_token_id, dtype=th.long)
     attention_mask = th.zeros((len(sequences), width), dtype=th.long)
@@ -40,6 +50,12 @@ def generate_tokens(
     Complete a batch of prompts with ``lm.generate`` (KV cache), sampling from the full softmax (temperature 1,
     no top-k/top-p: the policy's own distribution) or greedily.
 
+    :param lm: the causal LM (on any device: the prompts follow its parameters)
+    :param prompt_ids: the token ids of each prompt (left-padded together)
+    :param max_new_tokens: the most tokens generated per prompt
+    :param eos_token_ids: the ids that end a completion
+    :param pad_token_id: the id of the padding slots
+    :param do_sample: sample (``True``) or take the most probable token (``False``)
     :return: the generated token ids of each prompt, up to and including the first EOS
     """
     device = next(lm.parameters()).device
@@ -71,9 +87,14 @@ def sequence_log_prob(
     lm: PreTrainedModel, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_token_id: int
 ) -> np.ndarray:
     """
-    Sum over each completion's tokens of ``log p(token | prompt, previous tokens)`` under ``lm``, in one forward pass.
+    Sum over each completion's tokens of ``log p(token | prompt, previous tokens)`` under ``lm``, in one forward pass
+    (rows left-padded, log-softmax in float32).
 
-    :return: ``(batch,)`` float64 log-probabilities (nats)
+    :param lm: the causal LM
+    :param prompt_ids: the token ids of each prompt
+    :param completions: the token ids of each prompt's completion (an empty one scores 0)
+    :param pad_token_id: the id of the padding slots
+    :return: ``(batch,)`` float64 log-probabilities (nats), ``batch = len(completions)``
     """
     device = next(lm.parameters()).device
     input_ids, attention_mask = left_pad([list(p) + list(c) for p, c in zip(prompt_ids, completions)], pad_token_id)
@@ -90,8 +111,13 @@ def sequence_log_prob(
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """
-    Distinct-n: unique word n-grams over all word n-grams of the texts (Li et al. 2016,
-    https://arxiv.org/abs/1510.03055), in [0, 1]; ``nan`` when the texts hold no n-gram.
+    Distinct-n: unique word n-grams over all word n-grams of the texts (Li et al. 2016, "A Diversity-Promoting
+    Objective Function for Neural Conversation Models", https://arxiv.org/abs/1510.03055), in [0, 1]; ``nan`` when the
+    texts hold no n-gram. Words are split on whitespace; n-grams do not cross texts.
+
+    :param texts: the texts
+    :param n: the n-gram order (1: distinct-1)
+    :return: the fraction of distinct n-grams
     """
     ngrams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
     return len(set(ngrams)) / len(ngrams) if ngrams else float("nan")
@@ -100,8 +126,10 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 @dataclass
 class EvaluationResult:
     """
-    Held-out evaluation: mean scores (greedy, sampled), KL to the reference model (nats per completion), perplexity of
-    the sampled completions under the reference model, distinct-1/2 of the sampled completions, and samples.
+    Held-out evaluation: mean scores (greedy, sampled; the reward's units), KL to the reference model (nats per
+    completion), perplexity of the sampled completions under the reference model, distinct-1/2 of the sampled
+    completions (all Python floats, ``nan`` when undefined), and ``samples``: for each prompt, a dict with ``prompt``,
+    ``greedy``, ``greedy_score``, ``sampled`` and ``sampled_score``.
     """
 
     reward_greedy: float
@@ -129,14 +157,20 @@ def evaluate_prompts(
 
     :param policy: the policy to evaluate (its reference model gives the KL)
     :param prompts: held-out prompts
-    :param reward_fn: reward name or callable, as in the environment (completion-level: a per-token reward is refused)
+    :param reward_fn: reward name or callable, as in the environment (default ``"vader"``; completion-level: a
+        per-token reward is refused)
+    :param max_new_tokens: completion length limit, in tokens (default 32)
     :param reward_kwargs: keyword arguments of a named reward, as in the environment
-    :param max_new_tokens: completion length limit
-    :param n_samples: sampled completions per prompt (the greedy one is unique)
+    :param n_samples: sampled completions per prompt (default 1; the greedy one is unique)
+    :param use_chat_template: format prompts with the tokenizer's chat template (default: when it has one)
+    :param system_prompt: optional system message for the chat template
+    :param batch_size: prompts per ``generate`` call (default 16)
     :return: mean greedy reward, mean sampled reward, mean KL (nats per completion, k1 estimate over the sampled
         completions: sum of ``log pi - log pi_ref``; ``nan`` without reference model), the perplexity of the sampled
         completions under the reference model (``exp`` of minus the mean token log-probability), their distinct-1 and
         distinct-2, and, for each prompt, its greedy and first sampled completion with their scores
+    :raises ValueError: for a per-token reward, or a reward name or ``reward_kwargs`` that
+        :func:`~sb3_textrl.rewards.get_reward_fn` refuses
     """
     reward_fn = get_reward_fn(reward_fn, reward_kwargs)
     if is_per_token(reward_fn):

@@ -1,16 +1,25 @@
-"""Training curves as PNG files (matplotlib, no display needed)."""
+"""How a run is shown: training and evaluation curves as PNG files (matplotlib's ``Agg`` backend, no display needed),
+and sample completions as Markdown tables."""
 
 from __future__ import annotations
 
 import math
 import os
 
+import numpy as np
+
+__all__ = ["plot_eval_curves", "plot_rollout_history", "samples_markdown"]
+
 
 def plot_rollout_history(history: list[dict[str, float]], path: str, title: str = "") -> str:
     """
     Draw the mean score and the KL to the reference model per rollout (see
-    :class:`~sb3_textrl.common.callbacks.RolloutHistoryCallback`) into a PNG file.
+    :class:`~sb3_textrl.common.callbacks.RolloutHistoryCallback`) into a PNG file: two panels against timesteps
+    (tokens), the score (the reward's units) and the KL (nats per episode; left empty when every KL is ``nan``).
 
+    :param history: ``RolloutHistoryCallback.history``: dicts with ``timesteps``, ``score`` and ``kl``
+    :param path: the PNG file to write (its folder is created)
+    :param title: figure title (default: none)
     :return: ``path``
     """
     import matplotlib
@@ -39,3 +48,57 @@ def plot_rollout_history(history: list[dict[str, float]], path: str, title: str 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_eval_curves(results: list[dict[str, float]], path: str) -> str:
+    """
+    Draw the held-out evaluation metrics against timesteps (tokens) into a PNG file, one panel per metric: reward
+    (greedy and sampled), KL to the reference model (nats per completion), perplexity under the reference model, and
+    distinct-1/2. A metric that is ``nan`` at every evaluation is left out of its panel.
+
+    :param results: ``LMEvalCallback.results`` (see :class:`~sb3_textrl.common.callbacks.LMEvalCallback`): dicts with
+        ``timesteps`` and the fields of :data:`~sb3_textrl.common.callbacks.EVAL_KEYS`
+    :param path: the PNG file to write (its folder must exist)
+    :return: ``path``
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["timesteps"] for r in results]
+    panels = [("reward", ["reward_greedy", "reward_sampled"]), ("KL to reference (nats)", ["kl"]),
+              ("perplexity under reference", ["ref_perplexity"]), ("distinct-n", ["distinct_1", "distinct_2"])]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (title, fields) in zip(axes, panels):
+        for field in fields:
+            values = [r[field] for r in results]
+            if not all(np.isnan(values)):
+                ax.plot(steps, values, marker=".", label=field)
+        ax.set_title(title)
+        ax.set_xlabel("timesteps (tokens)")
+        ax.grid(alpha=0.3)
+        if len(fields) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def samples_markdown(samples: list[dict[str, str | float]]) -> str:
+    """
+    A Markdown table of sample completions with their scores: one row per prompt, with its greedy and sampled
+    completions (surrounding whitespace stripped, newlines as spaces, ``|`` escaped) and their scores (signed, two
+    decimals).
+
+    :param samples: dicts with ``prompt``, ``greedy``, ``greedy_score``, ``sampled`` and ``sampled_score``
+        (:attr:`~sb3_textrl.common.evaluation.EvaluationResult.samples`)
+    :return: the table, header included, lines joined with ``\\n``
+    """
+    rows = ["| prompt | greedy | score | sampled | score |", "|---|---|---|---|---|"]
+    for s in samples:
+        cells = [str(s["prompt"]), str(s["greedy"]).strip(), f"{s['greedy_score']:+.2f}"]
+        cells += [str(s["sampled"]).strip(), f"{s['sampled_score']:+.2f}"]
+        rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(rows)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from gymnasium import spaces
 
+__all__ = ["TokenObservationSpace"]
+
 
 class TokenObservationSpace(spaces.Dict):
     """
@@ -15,8 +17,9 @@ class TokenObservationSpace(spaces.Dict):
     ``PPO("LMPolicy", env)`` can build the same LM without ``policy_kwargs``.
 
     :param max_length: number of token slots of an observation
-    :param vocab_size: number of token ids (the LM's logits width)
-    :param model_name_or_path: the LM (alias or local path) the token ids belong to
+    :param vocab_size: number of token ids (the LM's logits width): ids are in ``[0, vocab_size)``
+    :param model_name_or_path: the LM (alias or local path) the token ids belong to (default: not recorded)
+    :param seed: seed of the space's own sampler (``spaces.Dict``'s ``seed``; default: random)
     """
 
     def __init__(self, max_length: int, vocab_size: int, model_name_or_path: str | None = None, seed=None):

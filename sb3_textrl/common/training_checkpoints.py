@@ -53,6 +53,18 @@ from sb3_textrl.common.training_state import (
 )
 from sb3_textrl.lm.loading import resolve_model
 
+__all__ = [
+    "RESUME_STATE_NAME",  # from training_state: the zip member that holds the training state
+    "AtomicCheckpointCallback",
+    "atomic_write",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model",
+    "read_resume_state",
+    "save_checkpoint",
+]
+
 
 def _temporary_path(path: str) -> str:
     directory, name = os.path.split(os.path.abspath(path))
@@ -66,6 +78,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> str:
     :param path: the final path (its directory is created)
     :param write: writes the file's content to the path it is given (keep ``path``'s extension: it is kept)
     :return: ``path``
+    :raises BaseException: whatever ``write`` raises (the temporary file is removed, ``path`` is left as it was)
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -119,7 +132,13 @@ def save_checkpoint(
 
 
 def read_resume_state(path: str) -> dict[str, Any] | None:
-    """The training state stored in a checkpoint, or ``None`` for a plain SB3 zip."""
+    """
+    The training state stored in a checkpoint (see :func:`~sb3_textrl.common.training_state.capture_training_state`),
+    or ``None`` for a plain SB3 zip.
+
+    :param path: an SB3 zip
+    :raises ValueError: if the state was written in another resume format
+    """
     with zipfile.ZipFile(path) as archive:
         if RESUME_STATE_NAME not in archive.namelist():
             return None
@@ -132,7 +151,10 @@ def read_resume_state(path: str) -> dict[str, Any] | None:
 
 
 def list_checkpoints(save_path: str, name_prefix: str = "rl_model") -> list[tuple[int, str]]:
-    """``(num_timesteps, path)`` of the checkpoints in ``save_path``, oldest first (temporary files excluded)."""
+    """
+    ``(num_timesteps, path)`` of the checkpoints in ``save_path`` (files named ``{name_prefix}_{num_timesteps}_steps.zip``),
+    oldest first (temporary files excluded); ``[]`` when the folder does not exist.
+    """
     if not os.path.isdir(save_path):
         return []
     pattern = re.compile(rf"^{re.escape(name_prefix)}_(\d+)_steps\.zip$")

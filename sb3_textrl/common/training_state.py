@@ -20,7 +20,26 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_textrl.common.callbacks import KLPenaltyCallback, RolloutHistoryCallback
 
+__all__ = [
+    "EPISODE_ATTRS_NAME",
+    "MODEL_STATE_ATTRS",
+    "MONITOR_STATE_ATTRS",
+    "RESUME_FORMAT",
+    "RESUME_STATE_NAME",
+    "callback_state",
+    "capture_env_state",
+    "capture_training_state",
+    "flatten_callbacks",
+    "get_rng_state",
+    "load_callback_state",
+    "model_attributes",
+    "restore_env_state",
+    "set_rng_state",
+]
+
+#: the member of a checkpoint's zip that holds the training state (a pickle)
 RESUME_STATE_NAME = "sb3_textrl_resume.pkl"
+#: the version of the training state's layout; a checkpoint of another version is refused
 RESUME_FORMAT = 1
 
 #: an env that lists the attributes holding its episode in flight under this name is resumed mid-episode
@@ -128,6 +147,7 @@ def restore_env_state(env: VecEnv, state: dict[str, Any]) -> tuple[Any, bool]:
 
 
 def flatten_callbacks(callbacks: Sequence[BaseCallback]) -> list[BaseCallback]:
+    """The callbacks in order, those inside a ``CallbackList`` (at any depth) in its place."""
     flat: list[BaseCallback] = []
     for callback in callbacks:
         flat += flatten_callbacks(callback.callbacks) if isinstance(callback, CallbackList) else [callback]
@@ -196,6 +216,10 @@ def capture_training_state(
     :param model: the algorithm
     :param callbacks: callbacks whose state to keep (see :func:`callback_state`)
     :param extra_state: picklable data to keep with the checkpoint
+    :return: a picklable dict: ``format``, ``algorithm`` (``"module:Class"``), ``model`` (the attributes of
+        :data:`MODEL_STATE_ATTRS`), ``rng`` (:func:`get_rng_state`), ``env`` (:func:`capture_env_state`, ``None``
+        without an env), ``callbacks`` (one :func:`callback_state` each) and ``extra``
+    :raises ValueError: for a callback whose state cannot be saved
     """
     env = model.get_env()
     return {
@@ -211,7 +235,7 @@ def capture_training_state(
 
 @contextlib.contextmanager
 def model_attributes(model: BaseAlgorithm, values: dict[str, Any]) -> Iterator[None]:
-    """Set some attributes of the model for the duration of the block."""
+    """Set some attributes of the model for the duration of the block (those it had are put back after it)."""
     saved = {name: getattr(model, name) for name in values if hasattr(model, name)}
     try:
         for name, value in values.items():

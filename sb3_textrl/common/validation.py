@@ -20,6 +20,8 @@ from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
 
 from sb3_textrl.lm.loading import load_tokenizer
 
+__all__ = ["check_lm_setup", "check_rollout_size", "check_same_lm", "check_vec_env"]
+
 
 def check_rollout_size(
     n_steps: int, n_envs: int, batch_size: int | None, names: tuple[str, str, str] = ("n_steps", "n_envs", "batch_size")

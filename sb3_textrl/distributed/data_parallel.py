@@ -48,6 +48,26 @@ from sb3_textrl.common.buffers import EpisodeRolloutBuffer
 from sb3_textrl.common.callbacks import EpisodeScores, KLPenaltyCallback, RolloutHistoryCallback
 from sb3_textrl.distributed.fsdp import ShardedPolicy, check_fsdp_policy
 
+__all__ = [
+    "BUCKET_ELEMENTS",
+    "DistributedCallback",
+    "DistributedEpisodeRolloutBuffer",
+    "GradientAverager",
+    "barrier",
+    "broadcast_module",
+    "check_in_sync",
+    "cleanup_distributed",
+    "is_main_process",
+    "launched_distributed",
+    "prepare_model",
+    "rank",
+    "rank_seed",
+    "reseed_replica",
+    "setup_distributed",
+    "split_minibatches",
+    "world_size",
+]
+
 _owned_group = [False]  # whether setup_distributed() initialised the process group
 
 #: gradients are all-reduced in flat buckets of at most this many elements (128 MiB in float32)
@@ -134,7 +154,10 @@ def _all_reduce_sum(values: Iterable[float], device: th.device) -> np.ndarray:
 
 @th.no_grad()
 def broadcast_module(module: th.nn.Module, src: int = 0) -> None:
-    """Copy rank ``src``'s parameters and buffers into every rank, in place."""
+    """
+    Copy rank ``src``'s parameters and buffers into every rank, in place (one broadcast per tensor: a collective, all
+    ranks call it).
+    """
     for tensor in [*module.parameters(), *module.buffers()]:
         dist.broadcast(tensor.data, src)
 
@@ -142,8 +165,11 @@ def broadcast_module(module: th.nn.Module, src: int = 0) -> None:
 @th.no_grad()
 def check_in_sync(module: th.nn.Module, atol: float = 0.0) -> None:
     """
-    Check that every rank holds the same parameters (a checksum per tensor, compared with an all-reduce).
+    Check that every rank holds the same parameters (a float64 sum per tensor, compared with two all-reduces: a
+    collective, all ranks call it). A no-op in a single process.
 
+    :param module: the replicated module
+    :param atol: the largest difference of the per-tensor sums accepted (default 0: bitwise-equal sums)
     :raises RuntimeError: if the ranks' weights differ
     """
     if world_size() <= 1:
@@ -168,8 +194,11 @@ class GradientAverager:
     gradient in a backward gets zeros (the ranks must reduce the same tensors). Every backward through ``params`` is
     a collective: all ranks must run the same number of them.
 
-    :param params: the trainable parameters (``requires_grad``)
-    :param bucket_elements: at most this many elements per all-reduce
+    ``n_reductions`` counts the backwards averaged and ``seconds`` the wall-clock time spent in their all-reduces.
+
+    :param params: the parameters; those with ``requires_grad`` are averaged
+    :param bucket_elements: at most this many elements per all-reduce (default :data:`BUCKET_ELEMENTS`)
+    :raises ValueError: if no parameter requires a gradient
     """
 
     def __init__(self, params: Iterable[th.nn.Parameter], bucket_elements: int = BUCKET_ELEMENTS):
@@ -311,8 +340,9 @@ class DistributedCallback(BaseCallback):
     :param kl_callback: the run's KL penalty callback
     :param history: the run's rollout history callback
     :param stop_callback: told to stop when the ranks agree to (rank 0's checkpoint callback)
-    :param stop_check_every: compare the stop flags every this many steps (1: a stop takes one step; a larger value
-        saves collectives when steps are very short)
+    :param stop_check_every: compare the stop flags every this many steps (default 1: a stop takes one step; a larger
+        value saves collectives when steps are very short)
+    :param verbose: verbosity level
     """
 
     def __init__(
@@ -383,6 +413,9 @@ def reseed_replica(model: BaseAlgorithm, seed: int) -> None:
     """
     Give a rank other than 0 its own random streams after loading rank 0's checkpoint (which restored rank 0's):
     reseed Python, NumPy, torch and the environments with ``seed``, and restart the episodes in flight.
+
+    :param model: the loaded algorithm
+    :param seed: this rank's seed (see :func:`rank_seed`)
     """
     set_random_seed(seed)
     env = model.get_env()
@@ -397,8 +430,9 @@ def prepare_model(model: BaseAlgorithm, fsdp: bool = False) -> GradientAverager 
     Make ``model`` (built or loaded identically on every rank) a replica of a data-parallel run: broadcast rank 0's
     weights, average gradients across ranks in every backward, and give the rollout buffer equal minibatch counts.
 
-    A no-op (``None``) without a process group of more than one rank.
+    A no-op (``None``) without a process group of more than one rank. A collective: all ranks call it at the same point.
 
+    :param model: the algorithm, built or loaded identically on every rank
     :param fsdp: shard the gradients and the optimizer state across the ranks with FSDP2 (:mod:`sb3_textrl.distributed.fsdp`)
         instead of keeping a full replica of them on each rank
     :return: the :class:`GradientAverager` (``.remove()`` undoes the hooks), or with ``fsdp`` the
@@ -426,8 +460,8 @@ def prepare_model(model: BaseAlgorithm, fsdp: bool = False) -> GradientAverager 
     if fsdp:
         check_fsdp_policy(policy)  # before any collective
     broadcast_module(policy)
-    if hasattr(policy, "_kv_cache"):
-        policy._kv_cache.reset()  # the weights changed in place
+    if hasattr(policy, "reset_kv_cache"):
+        policy.reset_kv_cache()  # the weights changed in place
     if fsdp:
         return ShardedPolicy(policy)
     return GradientAverager(policy.parameters())

@@ -38,6 +38,8 @@ import torch as th
 import torch.distributed as dist
 from torch import nn
 
+__all__ = ["ShardedPolicy", "check_fsdp_policy", "decoder_layers"]
+
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     """
@@ -136,8 +138,8 @@ class ShardedPolicy:
         policy.optimizer = type(old)(trainable, **old.defaults)
         self.unshard()
         policy.optimizer.register_step_post_hook(self._after_step)
-        if hasattr(policy, "_kv_cache"):
-            policy._kv_cache.reset()  # the LM's parameters are new tensors
+        if hasattr(policy, "reset_kv_cache"):
+            policy.reset_kv_cache()  # the LM's parameters are new tensors
 
     def _after_step(self, optimizer: th.optim.Optimizer, args, kwargs) -> None:
         self.unshard()  # first: the KV cache's reset below collects the LM's (now full) parameters

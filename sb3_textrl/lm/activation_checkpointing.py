@@ -1,9 +1,11 @@
 """Activation checkpointing of the policy's LM during training passes, compatible with prefix sharing.
 
+Paper: https://arxiv.org/abs/1604.06174
+
 transformers' checkpointing (``activation_checkpointing_enable``) keeps only each decoder layer's input during the
 forward pass and recomputes the layer in the backward pass (Chen et al. 2016, "Training Deep Nets with Sublinear
-Memory Cost"): the activations of a minibatch shrink from ~1.5 MB to ~0.07 MB per token for SmolLM2, for one more
-forward pass of compute. Three things keep it exact with this package's training passes:
+Memory Cost"): a checkpointed layer keeps one ``hidden_size`` vector per token for backward instead of all its
+activations, for one more forward pass of compute. Three things keep it exact with this package's training passes:
 
 - the shared prefix's keys and values reach the layers in a cache that is only read
   (:func:`~sb3_textrl.lm.prefix_sharing.make_cache` with ``read_only=True``), so a
@@ -22,6 +24,8 @@ import functools
 from collections.abc import Iterator
 
 from transformers import PreTrainedModel
+
+__all__ = ["enable_checkpointing", "paused", "set_checkpointing"]
 
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -55,9 +59,12 @@ def _contexts(lm: PreTrainedModel) -> tuple[contextlib.AbstractContextManager, c
 def enable_checkpointing(lm: PreTrainedModel, every_n_layers: int = 1) -> None:
     """
     Checkpoint every ``every_n_layers``-th decoder layer of ``lm`` (non-reentrant ``torch.utils.checkpoint``) whenever
-    :func:`set_checkpointing` has switched it on.
+    :func:`set_checkpointing` has switched it on; it starts switched off.
 
-    :raises ValueError: if the model or the installed transformers does not support it
+    :param lm: the causal LM, changed in place (its decoder layers, each a transformers ``GradientCheckpointingLayer``)
+    :param every_n_layers: checkpoint layers ``0, n, 2n, ...`` (default 1: every layer)
+    :raises ValueError: if the installed transformers is older than 5 (no ``activation_checkpointing_enable``, no
+        read-only caches in checkpointed layers), or if the model does not support checkpointing
     """
     # transformers < 5 has no activation_checkpointing_enable and drops every cache (the shared prefix) in checkpointed
     # layers: the results would be silently wrong
@@ -82,15 +89,25 @@ def enable_checkpointing(lm: PreTrainedModel, every_n_layers: int = 1) -> None:
 
 
 def set_checkpointing(lm: PreTrainedModel, active: bool) -> None:
-    """Switch checkpointing on or off (transformers checkpoints a layer in training mode only; its children, e.g.
-    dropout, stay in eval mode)."""
+    """
+    Switch checkpointing on or off: transformers checkpoints a layer in training mode only, so this sets the training
+    flag of the decoder layers alone (their children, e.g. dropout, stay in eval mode).
+
+    :param lm: the causal LM, after :func:`enable_checkpointing` (otherwise its layers never checkpoint either way)
+    :param active: ``True`` for training passes, ``False`` for rollouts and reference passes
+    """
     for layer in _layers(lm):
         layer.training = active
 
 
 @contextlib.contextmanager
 def paused(lm: PreTrainedModel) -> Iterator[None]:
-    """Within the block, the layers run without checkpointing (e.g. to fill a cache, which checkpointing forbids)."""
+    """
+    Within the block, the layers run without checkpointing (e.g. to fill a cache, which checkpointing forbids); those
+    that checkpointed before do again on exit, errors included.
+
+    :param lm: the causal LM
+    """
     layers = [layer for layer in _layers(lm) if layer.gradient_checkpointing and layer.training]
     for layer in layers:
         layer.training = False

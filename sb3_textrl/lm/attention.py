@@ -1,5 +1,8 @@
 """Attention over packed rows: several sequences side by side in one row, each token attending only to its own.
 
+Papers: scaled dot-product attention https://arxiv.org/abs/1706.03762, grouped-query attention
+https://arxiv.org/abs/2305.13245
+
 A 4D mask built by :func:`packed_attention_mask` says which key columns each query sees (its own segment, and a shared
 prefix's); :func:`packed_sdpa_attention` runs PyTorch's SDPA over it without repeating the keys and values of
 grouped-query attention. The KV cache (:mod:`sb3_textrl.lm.kv_cache`) and packed training forwards
@@ -27,8 +30,8 @@ def _additive_mask(attention_mask: th.Tensor, n_rep: int, dtype: th.dtype) -> th
     """
     ``attention_mask`` tiled over ``n_rep`` blocks of query rows and, if boolean, made additive (0 or ``-inf``, as SDPA
     makes it itself): built once per mask and reused by every layer. SDPA keeps the mask it gets for backward, so a
-    converted copy per layer would keep one per layer (3 x 256 x 4 bytes per token and layer on SmolLM2: ~9 % of a
-    training forward's activations); this one is kept once.
+    converted copy per layer would keep one per layer (``n_rep x n_keys`` numbers per query token and layer); this one
+    is kept once.
     """
     if n_rep == 1 and attention_mask.dtype != th.bool:
         return attention_mask  # as it is (and not cached: the entry would keep its own key alive)
@@ -46,13 +49,19 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     """
     Scaled dot-product attention over the packed cache, for grouped-query attention without copies of the keys and
     values: the ``n_rep`` query heads that read one key/value head run as ``n_rep`` blocks of query rows of that head
-    (transformers' own SDPA path repeats the whole cache per query head whenever a mask is given).
+    (transformers' own SDPA path repeats the whole cache per query head whenever a mask is given). Registered with
+    transformers' ``AttentionInterface`` as :data:`PACKED_ATTENTION`; with dropout, a soft cap, a sliding window,
+    attention sinks or a position bias, transformers' ``sdpa_attention_forward`` runs instead.
 
-    :param query: ``(batch, heads, n_queries, head_dim)``
-    :param key: ``(batch, kv_heads, n_keys, head_dim)``, and ``value`` alike
-    :param attention_mask: ``(batch, 1, n_queries, n_keys)`` boolean (True: attend)
-    :return: ``(batch, n_queries, heads, head_dim)`` and ``None`` (no attention weights), as transformers' attention
-        functions return
+    :param module: the attention layer (read by the fallback only)
+    :param query: ``(batch, heads, n_queries, head_dim)`` float
+    :param key: ``(batch, kv_heads, n_keys, head_dim)``, and ``value`` alike, in ``query``'s dtype; ``heads`` a
+        multiple of ``kv_heads``
+    :param attention_mask: ``(batch, 1, n_queries, n_keys)`` boolean (True: attend) or additive float
+    :param scaling: the scores' scale; ``None`` (default): ``head_dim ** -0.5``
+    :param dropout: attention dropout probability (default 0.0; above 0 the fallback runs)
+    :return: ``(batch, n_queries, heads, head_dim)`` in ``query``'s dtype and ``None`` (no attention weights), as
+        transformers' attention functions return
     """
     if dropout or any(kwargs.get(name) is not None for name in ("softcap", "sliding_window", "s_aux", "position_bias")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -65,13 +74,21 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
+#: the name under which :func:`packed_sdpa_attention` is registered with transformers' ``AttentionInterface``
 PACKED_ATTENTION = "sb3_textrl_packed_sdpa"
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
 
 
 @contextlib.contextmanager
 def packed_attention(lm: PreTrainedModel):
-    """Within the block, the LM's attention layers run :func:`packed_sdpa_attention` (text-only configs)."""
+    """
+    Within the block, the LM's attention layers run :func:`packed_sdpa_attention` (the config's attention
+    implementation is restored on exit, errors included).
+
+    :param lm: the causal LM; a composite model's config (one with ``sub_configs``) is left alone
+    :return: a context manager that yields the attention implementation the block runs: :data:`PACKED_ATTENTION`, or
+        the composite model's own
+    """
     config = lm.config
     previous = config._attn_implementation
     if config.sub_configs:  # a composite model: leave its per-part settings alone
@@ -99,9 +116,9 @@ def packed_attention_mask(
     :param key_segment: ``(n_keys,)`` int64, segment of each key column
     :param key_position: ``(n_keys,)`` int64, position id of each key column
     :param query_segments: ``(n_queries, k)`` int64, the segments a query sees (its row's own, its prefix's, ...)
-    :param query_position: ``(n_queries,)`` int64
-    :param attention: the attention implementation that reads the mask
-    :param dtype: the dtype of an additive mask (``"eager"`` attention)
+    :param query_position: ``(n_queries,)`` int64, position id of each query
+    :param attention: the attention implementation that reads the mask (default :data:`PACKED_ATTENTION`)
+    :param dtype: the dtype of an additive mask (``"eager"`` attention; default float32)
     :return: ``(1, 1, n_queries, n_keys)``: boolean (True: attend), or for ``"eager"`` additive, 0 or ``dtype``'s minimum
     """
     allowed = (key_segment[None, :, None] == query_segments[:, None, :]).any(dim=2)

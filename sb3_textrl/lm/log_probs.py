@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import torch as th
 
+__all__ = ["lm_head_logits", "log_prob_and_entropy", "sample_categorical"]
+
 
 def lm_head_logits(hidden: th.Tensor, weight: th.Tensor, bias: th.Tensor | None = None) -> th.Tensor:
     """
     ``hidden @ weight.T + bias``, as ``nn.functional.linear``, computed as ``(weight @ hidden.T).T`` on a CPU.
 
-    The LM head's weight (``(vocab_size, hidden_size)``, 113 MB for SmolLM2) does not fit in any cache, so its product
-    is bound by how fast the matrix library streams it: on a CPU, MKL's kernel for ``weight @ hidden.T`` reads it
-    1.2-1.7x faster than the one ``linear`` picks (``hidden @ weight.T``), from 8 rows (a rollout step: 31 -> 18 ms
-    for SmolLM2 here) to 256 (a training minibatch: 177 -> 150 ms). On other devices this is ``linear``.
+    The LM head's weight (``(vocab_size, hidden_size)``) does not fit in any cache, so its product is bound by how fast
+    the matrix library streams it: on a CPU, MKL's kernel for ``weight @ hidden.T`` can stream it faster than the one
+    ``linear`` picks (``hidden @ weight.T``), for a rollout step's few rows as for a training minibatch. On other
+    devices, and for ``hidden`` of another rank than 2, this is ``linear``. The results equal ``linear``'s up to float
+    rounding (another order of summation).
 
     :param hidden: ``(batch, hidden_size)`` float
-    :param weight: ``(vocab_size, hidden_size)``, same dtype
-    :param bias: ``(vocab_size,)`` or ``None``
-    :return: logits ``(batch, vocab_size)``, contiguous
+    :param weight: ``(vocab_size, hidden_size)``, same dtype and device
+    :param bias: ``(vocab_size,)`` or ``None`` (default)
+    :return: logits ``(batch, vocab_size)`` in ``hidden``'s dtype, contiguous
     """
     if hidden.device.type != "cpu" or hidden.dim() != 2:
         return th.nn.functional.linear(hidden, weight, bias)
@@ -31,9 +34,9 @@ class _LogProbEntropy(th.autograd.Function):
     ``log softmax(logits)[action]`` and the entropy ``-sum p log p`` per row, saving only the logits for backward.
 
     ``torch.distributions.Categorical`` keeps the normalised logits, the probabilities, their clamped copy and more
-    for autograd: about four ``(batch, vocab_size)`` float32 tensors (~36 MiB each for 192 rows of a 49k vocabulary).
-    This keeps one and recomputes the softmax in backward. Gradients (``z`` the logits, ``p`` their softmax,
-    ``H`` the entropy): ``d log p_a / dz_j = 1[j = a] - p_j`` and ``dH / dz_j = -p_j (log p_j + H)``.
+    for autograd: about four ``(batch, vocab_size)`` tensors. This keeps one and recomputes the softmax in backward.
+    Gradients (``z`` the logits, ``p`` their softmax, ``H`` the entropy): ``d log p_a / dz_j = 1[j = a] - p_j`` and
+    ``dH / dz_j = -p_j (log p_j + H)``.
     """
 
     @staticmethod
@@ -75,10 +78,13 @@ def sample_categorical(probs: th.Tensor) -> th.Tensor:
     One token per row, drawn with probability ``probs`` (inverse transform sampling: one uniform number per row).
 
     ``torch.multinomial`` (what ``Categorical.sample`` and ``generate`` use) draws one exponential random number per
-    *category*: ~10 ms per step for 8 rows of a 49k vocabulary on a CPU, against ~1 ms for a cumulative sum and a
-    binary search. The cumulative sum is float64, so the rounding of 49k float32 terms does not bias the draw.
+    *category*; this draws one per row, then runs a cumulative sum and a binary search. The cumulative sum is float64,
+    so the rounding of a vocabulary's worth of float32 terms does not bias the draw. Draws from the global torch
+    generator of ``probs``' device (``torch.manual_seed`` makes them reproducible).
 
-    :param probs: ``(batch, n)`` non-negative, rows summing to ~1 (a softmax)
+    Source: the inversion method (Devroye 1986, "Non-Uniform Random Variate Generation", chapter II.2).
+
+    :param probs: ``(batch, n)`` float, non-negative, rows summing to ~1 (a softmax; each row is scaled by its sum)
     :return: ``(batch,)`` int64 indices; categories of probability 0 are never drawn
     """
     cdf = probs.double().cumsum(dim=-1)

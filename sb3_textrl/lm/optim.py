@@ -1,19 +1,23 @@
 """
 Adam's state made before training starts rather than at the optimizer's first ``step()``.
 
+Papers: Adam https://arxiv.org/abs/1412.6980, AdamW https://arxiv.org/abs/1711.05101
+
 Adam (Kingma & Ba 2015) keeps two moments per trainable weight, as large as the weights themselves: for a
 full fine-tune, the largest part of the training state that is not the weights. PyTorch makes them at the first
 ``step()``, in the middle of the first minibatch, when the heap is full of freed activations: on a CPU, glibc's
 allocator puts the moments between those holes, and the heap grows for several iterations around them. Made up
 front, they sit next to the weights, below the memory that rollouts and minibatches take and give back
-(``benchmarks/update.py``: see the README's *Memory* section).
+(``benchmarks/update.py``: see docs/benchmarks.md, *Memory*).
 """
 
 from __future__ import annotations
 
 import torch as th
 
-# the optimizers whose state this module makes (exact classes: a subclass may keep other state)
+__all__ = ["ADAM_CLASSES", "allocate_adam_state", "release_unstepped_adam_state"]
+
+#: the optimizers whose state this module makes (exact classes: a subclass may keep other state)
 ADAM_CLASSES = (th.optim.Adam, th.optim.AdamW)
 
 
@@ -28,7 +32,7 @@ def allocate_adam_state(optimizer: th.optim.Optimizer) -> bool:
 
     :param optimizer: the optimizer; others than Adam and AdamW (subclasses included), and one that holds state
         already (it stepped, or was loaded), are left alone
-    :return: whether the state was made
+    :return: whether the state was made (``False`` too where no parameter requires a gradient)
     """
     if type(optimizer) not in ADAM_CLASSES or optimizer.state:
         return False

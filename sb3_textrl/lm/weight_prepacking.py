@@ -2,14 +2,13 @@
 Linear layers of a rollout's forwards on oneDNN-prepacked weights (CPU, float32, no gradients).
 
 A rollout step multiplies a few rows (one new token per env) by every weight matrix of the LM, so it is bound by how
-fast the matrix library streams the weights. MKL's ``linear`` kernel streams them at ~5 GB/s on this project's CPU
-(an AVX2 EPYC), far below the memory's ~22 GB/s; oneDNN's, on a copy of the weights reordered into its blocked layout
-(the ops PyTorch's Inductor uses when it freezes a CPU model), runs the MLP matrices of SmolLM2-135M ~1.4-1.9x faster
-for 8 rows, and its LM head ~2x. The copy costs a reorder (~0.2 s for SmolLM2's 0.30 GB of MLP and 0.11 GB of head
-weights) after each change of the weights, and that much memory while a rollout runs: the policy frees its gradients
-after each optimizer step, and its :class:`~sb3_textrl.lm.kv_cache.RolloutKVCache` drops the copy when training starts,
-so the copy takes the gradients' place. Results equal ``linear``'s up to float32 rounding (a different order of
-summation).
+fast the matrix library streams the weights, and MKL's ``linear`` kernel can stream them well below the memory's
+bandwidth. oneDNN's kernel, on a copy of the weights reordered into its blocked layout (the ops PyTorch's Inductor uses
+when it freezes a CPU model), can stream them faster. The copy costs a reorder after each change of the weights, and
+the copies' memory (the packed matrices' size) while a rollout runs: the policy frees its gradients after each
+optimizer step, and its :class:`~sb3_textrl.lm.kv_cache.RolloutKVCache` drops the copy when training starts, so the
+copy takes the gradients' place. Results equal ``linear``'s up to float32 rounding (a different order of summation).
+``benchmarks/rollout.py`` measures rollouts with and without it.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from collections.abc import Iterator
 
 import torch as th
 from torch import nn
+
+__all__ = ["PrepackedLinears", "mlp_min_numel", "packable_linears"]
 
 
 def _ops_available() -> bool:
@@ -34,8 +35,9 @@ def packable_linears(model: nn.Module, min_numel: int = 0) -> list[nn.Linear]:
     something else) with float32 weights on the CPU held whole (not an FSDP shard, a ``DTensor``), and no ``forward``
     already replaced on the instance (hooks of accelerate's offloading do that).
 
-    :param min_numel: leave out the layers whose weight has fewer elements
-    :return: empty where oneDNN's ops are missing from this PyTorch build
+    :param model: any module (its own and its children's layers are listed)
+    :param min_numel: leave out the layers whose weight has fewer elements (default 0: none left out)
+    :return: the layers, in ``model.modules()`` order; empty where oneDNN's ops are missing from this PyTorch build
     """
     if not _ops_available():
         return []
@@ -53,10 +55,13 @@ def packable_linears(model: nn.Module, min_numel: int = 0) -> list[nn.Linear]:
 
 def mlp_min_numel(model: nn.Module) -> int:
     """
-    ``2 * hidden_size**2`` (0 for a model without a config): the MLP's matrices of a transformer are larger (Llama-style
-    models have an intermediate size of ~2.7x the hidden size), its attention projections are not. Packed, those gain
-    within this machine's noise for their reorder (SmolLM2 rollouts: 5.21 s with all layers packed, 5.24 s with the
-    MLP's, 6.10 s with none), and the MLP's copies alone (0.30 of 0.40 GB) stay below the gradients they replace.
+    The smallest weight, in elements, that :class:`PrepackedLinears` packs in a decoder: ``2 * hidden_size**2``. The
+    MLP's matrices of a transformer are larger (Llama-style models have an intermediate size of about 8/3 of the hidden
+    size), its attention projections are not: those would cost their reorder for little gain, and the MLP's copies
+    alone stay below the size of the gradients they replace.
+
+    :param model: a module with a transformers ``config`` (its text config's ``hidden_size``)
+    :return: ``2 * hidden_size**2``, or 0 for a model without a config or ``hidden_size`` (every layer packs)
     """
     config = getattr(model, "config", None)
     hidden_size = getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
@@ -73,8 +78,7 @@ class PrepackedLinears:
 
     :param model: the module whose ``nn.Linear`` layers run packed (an LM's decoder)
     :param head: the LM head, packed too (whatever its size) and read through :meth:`logits`: the decoder never calls
-        it. Its vocabulary-sized weight (113 MB for SmolLM2) is the largest a rollout step streams: packed, 8 rows
-        take 9 ms here against 18 ms for MKL's ``weight @ hidden.T`` (29 ms in ``linear``), for a ~75 ms reorder
+        it. Its vocabulary-sized weight is the largest a rollout step streams. ``None`` (default): no head
     """
 
     def __init__(self, model: nn.Module, head: nn.Module | None = None):

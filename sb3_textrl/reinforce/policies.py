@@ -1,5 +1,9 @@
-# This file is here just to define MlpPolicy/CnnPolicy/MultiInputPolicy for REINFORCE, as SB3's a2c/policies.py does
+"""The policy aliases of REINFORCE, as SB3's ``a2c/policies.py`` defines them for A2C (``"LMPolicy"`` is added by
+:func:`sb3_textrl.registration.register_policy_alias`)."""
+
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, MultiInputActorCriticPolicy
+
+__all__ = ["CnnPolicy", "MlpPolicy", "MultiInputPolicy"]
 
 MlpPolicy = ActorCriticPolicy
 CnnPolicy = ActorCriticCnnPolicy

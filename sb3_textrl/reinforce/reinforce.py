@@ -1,4 +1,5 @@
-"""REINFORCE: Monte-Carlo policy gradient (Williams 1992) on SB3's ``OnPolicyAlgorithm``."""
+"""REINFORCE: Monte-Carlo policy gradient (Williams 1992, "Simple statistical gradient-following algorithms for
+connectionist reinforcement learning", https://doi.org/10.1007/BF00992696) on SB3's ``OnPolicyAlgorithm``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticP
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
+
+__all__ = ["REINFORCE", "SelfREINFORCE", "incomplete_episode_mask"]
 
 SelfREINFORCE = TypeVar("SelfREINFORCE", bound="REINFORCE")
 
@@ -224,7 +227,9 @@ class REINFORCE(OnPolicyAlgorithm):
 
     def train(self) -> None:
         """
-        Update the policy from the rollout buffer: one gradient step, accumulated over minibatches of ``batch_size``.
+        Update the policy from the rollout buffer: one gradient step, accumulated over minibatches of ``batch_size``
+        (the loss of the class docstring: Williams' REINFORCE update, with the baseline ``b = V`` or 0). A rollout in which
+        no step can be kept is skipped with a warning.
         """
         # Switch to train mode (this affects batch norm / dropout)
         self.policy.set_training_mode(True)

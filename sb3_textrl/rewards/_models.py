@@ -9,9 +9,15 @@ import torch as th
 
 from sb3_textrl.lm.loading import _load, load_tokenizer, model_name, resolve_model
 
+__all__ = ["ModelBackedReward", "check_batching", "load_pretrained", "resolve_device"]
+
 
 def check_batching(batch_size: int, max_length: int | None = None) -> None:
     """
+    Check the batching arguments of a model-backed reward.
+
+    :param batch_size: texts per forward pass
+    :param max_length: the most tokens per text (``None``: the reward's default)
     :raises ValueError: unless ``batch_size`` is a positive integer and ``max_length`` is None or an integer >= 2
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
@@ -21,7 +27,11 @@ def check_batching(batch_size: int, max_length: int | None = None) -> None:
 
 
 def resolve_device(device: th.device | str) -> th.device:
-    """``"auto"`` is CUDA when available, else CPU (as in SB3's ``get_device``)."""
+    """
+    The torch device of a reward's model: ``"auto"`` is CUDA when available, else CPU (as in SB3's ``get_device``).
+
+    :raises ValueError: for a string or object torch does not read as a device
+    """
     if device == "auto":
         return th.device("cuda" if th.cuda.is_available() else "cpu")
     try:

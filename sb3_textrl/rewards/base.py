@@ -24,7 +24,21 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+__all__ = [
+    "PerTokenRewardFn",
+    "RewardError",
+    "RewardFn",
+    "is_per_token",
+    "per_token_reward",
+    "reward_name",
+    "score_completions",
+    "score_tokens",
+    "term_scores",
+]
+
+#: an episode reward: ``(prompts, completions) -> one score per completion``
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+#: a per-token reward: ``(prompts, completion_tokens) -> one list of rewards per completion, one per token``
 PerTokenRewardFn = Callable[[list[str], list[list[str]]], Sequence[Sequence[float]]]
 
 

@@ -6,6 +6,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 from sb3_textrl.rewards.base import RewardFn, is_per_token, reward_name, score_completions
 
+__all__ = ["CombinedReward", "RewardSpec"]
+
+#: a term of a combined reward: a reward name from the registry or an episode reward callable
 RewardSpec = str | RewardFn
 
 

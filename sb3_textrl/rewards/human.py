@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
+__all__ = ["HumanRatings", "TerminalRater"]
+
 
 def _key(completion: str) -> str:
     return completion.strip()

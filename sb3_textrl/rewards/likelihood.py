@@ -8,6 +8,9 @@ import torch as th
 
 from sb3_textrl.rewards._models import ModelBackedReward, check_batching, load_pretrained, resolve_device
 
+__all__ = ["LIKELIHOOD_OUTPUTS", "LMLikelihood"]
+
+#: what :class:`LMLikelihood` returns per completion
 LIKELIHOOD_OUTPUTS = ("mean_log_prob", "neg_perplexity")
 
 

@@ -13,7 +13,19 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
+__all__ = [
+    "ROUGE_MEASURES",
+    "ROUGE_TYPES",
+    "BLEUReward",
+    "ChrFReward",
+    "ReferenceReward",
+    "RougeReward",
+    "load_prompts_with_references",
+]
+
+#: the ROUGE variants :class:`RougeReward` computes
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+#: which score of a ROUGE variant is the reward
 ROUGE_MEASURES = ("fmeasure", "precision", "recall")
 
 
@@ -100,6 +112,11 @@ class ReferenceReward:
         return refs
 
     def sentence_score(self, completion: str, references: list[str]) -> float:
+        """
+        The score of one completion against its prompt's references (implemented by each subclass).
+
+        :raises NotImplementedError: in this base class
+        """
         raise NotImplementedError
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
@@ -118,7 +135,7 @@ class BLEUReward(ReferenceReward):
     mean of the modified 1- to 4-gram precisions (only the orders the sentence has) with ``exp`` smoothing, times the
     brevity penalty; several references count n-grams against each and take the closest reference length.
 
-    Batching: none needed (pure Python, about 0.1 ms per completion). Registered as ``"bleu"``.
+    Batching: none needed (pure Python). Registered as ``"bleu"``.
 
     :param references: ``{prompt: [reference, ...]}`` or a JSONL path (see :func:`load_prompts_with_references`)
     :param tokenize: sacrebleu's tokenizer (``"13a"``, ``"intl"``, ``"zh"``, ``"ja-mecab"``, ``"char"``, ``"none"``...)

@@ -15,7 +15,9 @@ from sb3_textrl.rewards.reference import BLEUReward, ChrFReward, RougeReward
 from sb3_textrl.rewards.reward_model import SequenceClassifierReward
 from sb3_textrl.rewards.sentiment import VaderSentiment
 
-# name -> constructor; ``get_reward_fn(name, reward_kwargs)`` calls it with ``**reward_kwargs``
+__all__ = ["REWARD_REGISTRY", "check_reward_spec", "get_reward_fn"]
+
+#: name -> constructor; ``get_reward_fn(name, reward_kwargs)`` calls it with ``**reward_kwargs``
 REWARD_REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "vader": VaderSentiment,
     "reward_model": SequenceClassifierReward,

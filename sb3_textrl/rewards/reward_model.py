@@ -8,6 +8,9 @@ import torch as th
 
 from sb3_textrl.rewards._models import ModelBackedReward, check_batching, load_pretrained, resolve_device
 
+__all__ = ["REWARD_MODEL_OUTPUTS", "SequenceClassifierReward"]
+
+#: what :class:`SequenceClassifierReward` returns per completion
 REWARD_MODEL_OUTPUTS = ("logit", "probability", "log_probability")
 
 

@@ -5,7 +5,7 @@ import torch as th
 from test_prefix_sharing import SYSTEM_PROMPT, _env, _steps  # the same envs and random episodes
 from transformers import LlamaForCausalLM
 
-from sb3_textrl import checkpointing
+from sb3_textrl.lm import activation_checkpointing
 from sb3_textrl.policies import LMPolicy
 
 
@@ -95,7 +95,7 @@ def test_activation_checkpointing_must_be_bool_or_positive_int(tiny_llama_path, 
 
 def test_activation_checkpointing_refuses_transformers_without_read_only_caches(tiny_llama_path, monkeypatch):
     # transformers < 5: its layers drop any cache (the shared prefix) when checkpointed, so results would be wrong
-    monkeypatch.setattr(checkpointing, "GradientCheckpointingLayer", type("GradientCheckpointingLayer", (), {}))
+    monkeypatch.setattr(activation_checkpointing, "GradientCheckpointingLayer", type("GradientCheckpointingLayer", (), {}))
     env = _env(tiny_llama_path, None)
     with pytest.raises(ValueError, match="transformers >= 5"):
         LMPolicy(env.observation_space, env.action_space, lambda _: 1e-3, activation_checkpointing=True)

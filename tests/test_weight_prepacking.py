@@ -1,9 +1,13 @@
+"""oneDNN-prepacked weights (sb3_textrl.lm.weight_prepacking): the packed layers equal the stock ones, and the policy's
+rollouts run on them while its updates never do."""
+
 import pytest
 import torch as th
-from test_policy import collect_episodes, fresh_distribution, make_env, make_policy, stack
+from test_kv_cache import fresh_distribution
+from test_policy import collect_episodes, make_env, make_policy, stack
 from transformers import AutoModelForCausalLM
 
-from sb3_textrl import prepacked
+from sb3_textrl.lm import weight_prepacking
 from sb3_textrl.lm.weight_prepacking import PrepackedLinears, packable_linears
 
 pytestmark = pytest.mark.skipif(not packable_linears(th.nn.Linear(2, 2)), reason="this PyTorch has no oneDNN linear ops")
@@ -11,8 +15,8 @@ pytestmark = pytest.mark.skipif(not packable_linears(th.nn.Linear(2, 2)), reason
 
 def test_packed_forward_equals_linear(tiny_llama_path, monkeypatch):
     calls = []
-    packed_call = prepacked._PackedForward.__call__
-    monkeypatch.setattr(prepacked._PackedForward, "__call__", lambda self, x: calls.append(1) or packed_call(self, x))
+    packed_call = weight_prepacking._PackedForward.__call__
+    monkeypatch.setattr(weight_prepacking._PackedForward, "__call__", lambda self, x: calls.append(1) or packed_call(self, x))
     lm = AutoModelForCausalLM.from_pretrained(tiny_llama_path).eval()
     linears = PrepackedLinears(lm.base_model)
     ids = th.randint(3, 300, (3, 7))
@@ -72,20 +76,20 @@ def test_rollout_runs_packed_and_frees_the_copies(tiny_llama_path):
     policy.set_training_mode(False)
     episodes = collect_episodes(env, 2)
     calls = [stack([episodes[0][t], episodes[1][t]]) for t in (0, 1)]  # two steps of the same two episodes
-    head_logits, packed_heads = policy._kv_cache.linears.logits, []  # whether each call's logits came packed
+    head_logits, packed_heads = policy.kv_cache.linears.logits, []  # whether each call's logits came packed
 
     def counted(hidden):
         logits = head_logits(hidden)
         packed_heads.append(logits is not None)
         return logits
 
-    policy._kv_cache.linears.logits = counted
+    policy.kv_cache.linears.logits = counted
 
     def rollout():
         for t, (obs, _) in enumerate(calls):
             with th.no_grad():
                 logits = policy.get_distribution(obs).distribution.logits
-            linears = policy._kv_cache.linears
+            linears = policy.kv_cache.linears
             assert bool(linears.packed) == (t == 1)  # the first call runs as is, the second packed
             assert (linears.head in (linears.packed or {})) == (t == 1) == packed_heads[-1]  # the LM head too
             th.testing.assert_close(logits, fresh_distribution(policy, obs)[0], atol=1e-5, rtol=0)
@@ -95,11 +99,11 @@ def test_rollout_runs_packed_and_frees_the_copies(tiny_llama_path):
     obs, actions = calls[1]
     policy.evaluate_actions(obs, actions)[1].mean().backward()
     policy.optimizer.step()
-    assert not policy._kv_cache.linears.packed
+    assert not policy.kv_cache.linears.packed
     assert all(p.grad is None for p in policy.parameters())
     rollout()  # packed again, from the new weights
     policy.set_training_mode(True)  # training starts: the copies go
-    assert not policy._kv_cache.linears.packed
+    assert not policy.kv_cache.linears.packed
 
 
 def test_prepacked_weights_off(tiny_llama_path):
@@ -111,4 +115,4 @@ def test_prepacked_weights_off(tiny_llama_path):
     with th.no_grad():
         for t in (0, 1):
             policy.get_distribution(stack([episodes[0][t]])[0])
-    assert policy._kv_cache.length > 0 and not policy._kv_cache.linears.packed
+    assert policy.kv_cache.length > 0 and not policy.kv_cache.linears.packed

@@ -1,3 +1,7 @@
+"""Resumable training checkpoints (sb3_textrl.common.training_checkpoints and training_state): atomic saves every N
+rollouts, exact resumes, refused mismatches, loading a model whose LM moved, and the CLI's checkpoint flags, SIGINT and
+SIGKILL."""
+
 import copy
 import json
 import os
@@ -13,6 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch as th
+from conftest import ENV_ID
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.env_util import make_vec_env
@@ -35,7 +40,6 @@ from sb3_textrl.common.training_checkpoints import (
 )
 from sb3_textrl.envs.text_generation import TextGenerationEnv
 
-ENV_ID = "sb3_textrl/TextGeneration-v0"
 PROMPTS = ["Write one sentence about rain.", "Hi", "Write a short review of a cafe."]
 N_ENVS, N_STEPS = 2, 4  # rollouts of 8 transitions; episodes of up to 5 tokens span rollout boundaries
 
