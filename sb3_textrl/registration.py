@@ -27,13 +27,15 @@ def add_lm_policy_alias(algorithm_class: type[BaseAlgorithm]) -> None:
 
 
 def register_policy_alias() -> None:
-    """Register the alias in PPO, A2C, REINFORCE and, if sb3-contrib is installed, TRPO (idempotent; importing
+    """Register the alias in PPO, A2C, REINFORCE, GRPO, RLOO and, if sb3-contrib is installed, TRPO (idempotent; importing
     :mod:`sb3_textrl` does it)."""
     from stable_baselines3 import A2C, PPO
 
+    from sb3_textrl.grpo import GRPO
     from sb3_textrl.reinforce import REINFORCE
+    from sb3_textrl.rloo import RLOO
 
-    classes: list[type[BaseAlgorithm]] = [PPO, A2C, REINFORCE]
+    classes: list[type[BaseAlgorithm]] = [PPO, A2C, REINFORCE, GRPO, RLOO]
     try:
         from sb3_contrib import TRPO
     except ImportError:

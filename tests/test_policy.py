@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import sb3_textrl
 from sb3_textrl.common.buffers import EpisodeRolloutBuffer
+from sb3_textrl.common.group_algorithm import GroupOnPolicyAlgorithm
 from sb3_textrl.lm.tokens import covering_rows, steps_out_of_order
 from sb3_textrl.policies import CausalLMActorCriticPolicy, LMPolicy
 from sb3_textrl.registration import register_policy_alias
@@ -65,7 +66,7 @@ def test_alias_registered():
     assert PPO.policy_aliases["LMPolicy"] is LMPolicy
     assert A2C.policy_aliases["LMPolicy"] is LMPolicy
     assert TRPO.policy_aliases["LMPolicy"] is LMPolicy
-    for algo in (PPO, A2C, TRPO):
+    for algo in (PPO, A2C, TRPO, sb3_textrl.REINFORCE, sb3_textrl.GRPO, sb3_textrl.RLOO):
         assert algo._get_policy_from_name(algo, "LMPolicy") is CausalLMActorCriticPolicy
         assert "MlpPolicy" in algo.policy_aliases  # the stock aliases are kept
     assert sb3_textrl.LMPolicy is CausalLMActorCriticPolicy
@@ -87,6 +88,7 @@ def test_alias_registered():
         sb3_contrib.CrossQ,
         sb3_contrib.MaskablePPO,
         sb3_contrib.RecurrentPPO,
+        GroupOnPolicyAlgorithm,
     ],
 )
 def test_alias_not_leaked(algo):

@@ -18,8 +18,9 @@ proportional controller) so that the KL per sequence approaches a target.
 from __future__ import annotations
 
 import numpy as np
+import torch as th
 
-__all__ = ["KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "estimate_kl"]
+__all__ = ["KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "estimate_kl", "k3_kl"]
 
 #: the per-token estimators :func:`estimate_kl` offers
 KL_ESTIMATORS = ("k1", "k3")
@@ -99,3 +100,17 @@ class AdaptiveKLController(FixedKLController):
         """
         error = float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
         self.kl_coef *= 1.0 + error * n_episodes / self.horizon
+
+
+def k3_kl(log_prob: th.Tensor, ref_log_prob: th.Tensor) -> th.Tensor:
+    """
+    The per-token k3 estimate of ``KL(pi || pi_ref)`` that GRPO puts in its loss (Shao et al. 2024, eq. 4; Schulman
+    2020, http://joschu.net/blog/kl-approx.html): ``pi_ref / pi - log(pi_ref / pi) - 1``, always >= 0, differentiable in
+    ``log_prob``.
+
+    :param log_prob: ``(batch,)`` float, log-probabilities of the sampled tokens under the policy
+    :param ref_log_prob: ``(batch,)`` float, the same under the reference model
+    :return: ``(batch,)`` float, nats
+    """
+    log_ratio = ref_log_prob - log_prob
+    return th.exp(log_ratio) - log_ratio - 1.0

@@ -26,8 +26,12 @@ import numpy as np
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecEnvWrapper, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
+from sb3_textrl.common.group_vec_env import GroupedVecEnv, check_group_size, group_member_fn
 from sb3_textrl.rewards import RewardError, RewardFn, get_reward_fn, is_per_token, reward_name, score_completions, term_scores
 
+__all__ = ["TEXT_GENERATION_ENV_ID", "BatchedRewardVecEnv", "make_text_vec_env"]
+
+#: the registered id of :class:`~sb3_textrl.envs.TextGenerationEnv`, the default of :func:`make_text_vec_env`
 TEXT_GENERATION_ENV_ID = "sb3_textrl/TextGeneration-v0"
 
 
@@ -142,6 +146,7 @@ def make_text_vec_env(
     vec_env_kwargs: dict[str, Any] | None = None,
     monitor_filename: str | os.PathLike | None = None,
     env_id: str = TEXT_GENERATION_ENV_ID,
+    group_size: int | None = None,
 ) -> VecEnv:
     """
     Build ``n_envs`` text-generation environments whose episodes are scored in one batch per step:
@@ -161,11 +166,17 @@ def make_text_vec_env(
     :param vec_env_kwargs: keyword arguments of ``vec_env_cls`` (e.g. ``start_method="fork"``)
     :param monitor_filename: where ``VecMonitor`` writes its CSV log (``None``: no file)
     :param env_id: a registered text-generation environment
+    :param group_size: for GRPO and RLOO: play the envs in groups of ``group_size`` consecutive envs that start each
+        episode on the same prompt, in rounds (a :class:`~sb3_textrl.common.group_vec_env.GroupedVecEnv`, outermost;
+        ``info["group"]`` on each finished episode). ``None`` (default): independent envs
     :return: the wrapped ``VecEnv``
-    :raises ValueError: if ``n_envs`` is not a positive integer or the reward is invalid
+    :raises ValueError: if ``n_envs`` is not a positive integer, the reward is invalid, or ``group_size`` is < 2 or
+        does not divide ``n_envs``
     """
     if isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs <= 0:
         raise ValueError(f"`n_envs` must be a positive integer, got {n_envs!r}.")
+    if group_size is not None:
+        check_group_size(group_size, int(n_envs))
     env_kwargs = dict(env_kwargs or {})
     if "defer_scoring" in env_kwargs:
         raise ValueError("Do not pass `defer_scoring` in `env_kwargs`: make_text_vec_env sets it.")
@@ -176,10 +187,12 @@ def make_text_vec_env(
     else:
         env_kwargs["reward_fn"] = reward
     vec_env_cls = vec_env_cls or DummyVecEnv
-    venv: VecEnv = vec_env_cls(
-        [_env_fn(env_id, rank, seed, env_kwargs) for rank in range(int(n_envs))], **(vec_env_kwargs or {})
-    )
+    env_fns = [_env_fn(env_id, rank, seed, env_kwargs) for rank in range(int(n_envs))]
+    if group_size is not None:  # each env waits, once its episode has ended, for the rest of its round
+        env_fns = [group_member_fn(env_fn) for env_fn in env_fns]
+    venv: VecEnv = vec_env_cls(env_fns, **(vec_env_kwargs or {}))
     venv.seed(seed)
     if deferred:
         venv = BatchedRewardVecEnv(venv, reward)
-    return VecMonitor(venv, filename=None if monitor_filename is None else os.fspath(monitor_filename))
+    venv = VecMonitor(venv, filename=None if monitor_filename is None else os.fspath(monitor_filename))
+    return venv if group_size is None else GroupedVecEnv(venv, group_size, seed=seed)
