@@ -136,6 +136,42 @@ def run_ours(workdir: str, model: str, warmup: int, iterations: int, threads: in
     report("ours", timer.seconds, warmup, load_seconds=load_seconds, threads=th.get_num_threads(), ref_kl=kl_callback.last_kl)
 
 
+def trl_ppo_config(workdir: str, n_iterations: int, bf16: bool) -> dict:
+    """Keyword arguments of TRL's ``PPOConfig``: the same recipe as ours (``HYPER``), one epoch, one minibatch."""
+    return dict(
+        output_dir=os.path.join(workdir, "trl_out"),
+        per_device_train_batch_size=N_PROMPTS,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        num_ppo_epochs=1,
+        total_episodes=N_PROMPTS * n_iterations,
+        response_length=MAX_NEW_TOKENS,
+        temperature=1.0,
+        stop_token="eos",
+        missing_eos_penalty=None,
+        learning_rate=HYPER["learning_rate"],
+        kl_coef=HYPER["kl_coef"],
+        kl_estimator="k1",
+        gamma=HYPER["gamma"],
+        lam=HYPER["gae_lambda"],
+        cliprange=HYPER["clip_range"],
+        cliprange_value=HYPER["clip_range"],
+        vf_coef=HYPER["vf_coef"],
+        max_grad_norm=HYPER["max_grad_norm"],
+        local_rollout_forward_batch_size=N_PROMPTS,
+        num_sample_generations=0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        bf16=bf16,  # PPOConfig defaults to bf16 and gradient checkpointing: same precision both sides, no checkpointing
+        fp16=False,
+        gradient_checkpointing=False,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+
+
 def run_trl(workdir: str, warmup: int, iterations: int, threads: int, bf16: bool = False) -> None:
     """TRL venv: TRL's experimental PPOTrainer, timed per PPO update (one ``on_step_end`` to the next)."""
     import torch as th
@@ -175,38 +211,7 @@ def run_trl(workdir: str, warmup: int, iterations: int, threads: int, bf16: bool
         m.config.pad_token_id = tokenizer.pad_token_id
     dataset = Dataset.from_dict({"input_ids": data["input_ids"]})
     n_iterations = warmup + iterations
-    config = PPOConfig(
-        output_dir=os.path.join(workdir, "trl_out"),
-        per_device_train_batch_size=N_PROMPTS,
-        gradient_accumulation_steps=1,
-        num_mini_batches=1,
-        num_ppo_epochs=1,
-        total_episodes=N_PROMPTS * n_iterations,
-        response_length=MAX_NEW_TOKENS,
-        temperature=1.0,
-        stop_token="eos",
-        missing_eos_penalty=None,
-        learning_rate=HYPER["learning_rate"],
-        kl_coef=HYPER["kl_coef"],
-        kl_estimator="k1",
-        gamma=HYPER["gamma"],
-        lam=HYPER["gae_lambda"],
-        cliprange=HYPER["clip_range"],
-        cliprange_value=HYPER["clip_range"],
-        vf_coef=HYPER["vf_coef"],
-        max_grad_norm=HYPER["max_grad_norm"],
-        local_rollout_forward_batch_size=N_PROMPTS,
-        num_sample_generations=0,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
-        bf16=bf16,  # PPOConfig defaults to bf16 and gradient checkpointing: same precision both sides, no checkpointing
-        fp16=False,
-        gradient_checkpointing=False,
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    config = PPOConfig(**trl_ppo_config(workdir, n_iterations, bf16))
     trainer = PPOTrainer(
         args=config,
         processing_class=tokenizer,

@@ -7,6 +7,7 @@ over the same episodes (the floor any implementation pays), measured in one run 
     python benchmarks/update.py --activation-checkpointing 1  # recompute every decoder layer in backward (2: every 2nd)
     python benchmarks/update.py --no-prepacked        # rollouts run the linear layers as they are (memory A/B)
     python benchmarks/update.py --no-lean-activations # stock MLP and RMSNorm autograd (memory A/B)
+    python benchmarks/update.py --shuffled-buffer     # also PPO on SB3's default shuffled buffer, same rollouts
 
 Memory: the process's peak RSS above its RSS before the LM is loaded, divided by the training state any PPO
 implementation holds: the policy's weights, their gradients and Adam's two moments, and the frozen reference model;
@@ -27,10 +28,12 @@ import os
 import resource
 import threading
 import time
+import warnings
 
 import torch as th
 from _common import make_env
 from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.callbacks import CallbackList
 
 from sb3_textrl.common.buffers import EpisodeRolloutBuffer
@@ -110,7 +113,7 @@ def whole_sequence_pass(model: PPO) -> float:
     return seconds
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--n-envs", type=int, default=16)
@@ -122,11 +125,18 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", type=int, default=0, help="checkpoint every n-th layer (0: off)")
     parser.add_argument("--no-prepacked", action="store_true", help="rollouts without prepacked weights (memory A/B)")
     parser.add_argument("--no-lean-activations", action="store_true", help="stock MLP and RMSNorm autograd (memory A/B)")
-    args = parser.parse_args()
-    rss_start = peak_rss_gib()
-    allocated = AllocatedPeak()
+    parser.add_argument(
+        "--shuffled-buffer",
+        action="store_true",
+        help="also time PPO train() on the same rollouts held in SB3's shuffled DictRolloutBuffer (the default buffer); "
+        "its activations count in the peak memory, so read memory from a run without it",
+    )
+    return parser.parse_args()
+
+
+def build_model(args: argparse.Namespace) -> PPO:
     env = make_env(args.model, args.n_envs, args.max_new_tokens)
-    model = PPO(
+    return PPO(
         "LMPolicy",
         env,
         n_steps=args.max_new_tokens,
@@ -142,37 +152,98 @@ def main() -> None:
         ),
         seed=0,
     )
-    model._setup_learn(total_timesteps=10**9)
+
+
+def shuffled_copy(model: PPO) -> DictRolloutBuffer:
+    """The filled (not yet flattened) episode buffer's data in SB3's own ``DictRolloutBuffer``."""
+    episodes = model.rollout_buffer
+    shuffled = DictRolloutBuffer(
+        model.n_steps, model.observation_space, model.action_space, device=model.device, n_envs=model.n_envs
+    )
+    for key in episodes.observations:
+        shuffled.observations[key] = episodes.observations[key].copy()
+    for name in ("actions", "rewards", "returns", "episode_starts", "values", "log_probs", "advantages"):
+        setattr(shuffled, name, getattr(episodes, name).copy())
+    shuffled.full = True
+    return shuffled
+
+
+def train_seconds(model: PPO, buffer: DictRolloutBuffer | None = None) -> float:
+    """Seconds of one ``PPO.train()`` on the model's rollout buffer (or on ``buffer`` in its place)."""
+    episodes = model.rollout_buffer
+    if buffer is not None:
+        model.rollout_buffer = buffer
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # LMPolicy's one-time advice to use EpisodeRolloutBuffer
+        model.train()
+    seconds = time.perf_counter() - start
+    model.rollout_buffer = episodes
+    return seconds
+
+
+def time_updates(args: argparse.Namespace, model: PPO, rss_start: float) -> tuple[float, float, list[float]]:
+    """
+    PPO iterations: seconds of ``train()`` per token on the episode buffer and, with ``--shuffled-buffer``, on SB3's
+    shuffled buffer (same rollouts; its update runs first, then the episode buffer's, so both start from the same
+    weights up to one step of lr 1e-6), and the peak RSS above ``rss_start`` after each iteration.
+    """
     callback = CallbackList([])
     callback.init_callback(model)
-    rss_after_build = peak_rss_gib()
-    ppo_seconds = base_seconds = 0.0
-    tokens = 0
-    # PPO first: RSS is a high-water mark, and the baseline's one big batch needs more activation memory than PPO's.
+    episode_seconds = shuffled_seconds = 0.0
     # Under glibc the peak creeps up from iteration to iteration (its heap fragments), so memory is read after several
     peaks = []  # peak RSS above the start after each iteration, GiB
     for iteration in range(max(args.repeats + 1, args.memory_iterations)):
         model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
-        start = time.perf_counter()
-        model.train()
-        if 0 < iteration <= args.repeats:  # the first round warms up (Adam state, allocator)
-            ppo_seconds += time.perf_counter() - start
-            tokens += model.n_steps * model.n_envs
+        timed = 0 < iteration <= args.repeats  # the first round warms up (Adam state, allocator)
+        if args.shuffled_buffer and timed:
+            shuffled_seconds += train_seconds(model, shuffled_copy(model))
+        seconds = train_seconds(model)
+        if timed:
+            episode_seconds += seconds
         peaks.append(peak_rss_gib() - rss_start)
-    ppo_peak = peak_rss_gib()
-    allocated_peak = allocated.peak if allocated.available else float("nan")
+    return episode_seconds, shuffled_seconds, peaks
+
+
+def time_baseline(args: argparse.Namespace, model: PPO) -> float:
+    callback = CallbackList([])
+    callback.init_callback(model)
+    base_seconds = 0.0
     for repeat in range(args.repeats + 1):
         model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
         model.rollout_buffer.get(1).__next__()  # flatten the buffer (PPO does it on its first get)
         base = whole_sequence_pass(model)
         if repeat:
             base_seconds += base
+    return base_seconds
+
+
+def main() -> None:
+    args = parse_args()
+    rss_start = peak_rss_gib()
+    allocated = AllocatedPeak()
+    model = build_model(args)
+    model._setup_learn(total_timesteps=10**9)
+    rss_after_build = peak_rss_gib()
+    # PPO first: RSS is a high-water mark, and the baseline's one big batch needs more activation memory than PPO's.
+    ppo_seconds, shuffled_seconds, peaks = time_updates(args, model, rss_start)
+    ppo_peak = peak_rss_gib()
+    allocated_peak = allocated.peak if allocated.available else float("nan")
+    base_seconds = time_baseline(args, model)
+    tokens = args.repeats * model.n_steps * model.n_envs
     ppo_rate, base_rate = tokens / ppo_seconds, tokens / base_seconds
     print(f"\nmodel={args.model} n_envs={args.n_envs} max_new_tokens={args.max_new_tokens} batch_size={args.batch_size}")
     print(f"| {'how':<44} | {'response tok/s':>14} | {'ratio':>6} |")
     print(f"|{'-' * 46}|{'-' * 16}|{'-' * 8}|")
     print(f"| {'whole-sequence forward + backward (baseline)':<44} | {base_rate:>14.1f} | {1.0:>6.2f} |")
     print(f"| {'PPO train(), one epoch':<44} | {ppo_rate:>14.1f} | {ppo_rate / base_rate:>6.2f} |")
+    if args.shuffled_buffer:
+        rate = tokens / shuffled_seconds
+        print(f"| {'PPO train(), SB3 shuffled DictRolloutBuffer':<44} | {rate:>14.1f} | {rate / base_rate:>6.2f} |")
+    report_memory(model, rss_start, rss_after_build, ppo_peak, peaks, allocated, allocated_peak)
+
+
+def report_memory(model, rss_start, rss_after_build, ppo_peak, peaks, allocated, allocated_peak) -> None:
     policy = model.policy
     trainable = sum(p.numel() * p.element_size() for p in policy.parameters() if p.requires_grad)
     frozen = sum(p.numel() * p.element_size() for p in policy.parameters() if not p.requires_grad)

@@ -51,8 +51,9 @@ def test_imported_modules_reads_nested_imports(tmp_path):
         (PACKAGE / "lm", ("stable_baselines3", "sb3_contrib", "gymnasium", "sb3_textrl.common", "sb3_textrl.policies")),
         (PACKAGE / "rewards", ("sb3_textrl.envs", "sb3_textrl.common", "sb3_textrl.policies")),
         (ENVS, ("sb3_textrl.policies", "sb3_textrl.common.callbacks", "sb3_textrl.common.evaluation")),
+        (PACKAGE / "common", ("sb3_textrl.reinforce", "sb3_textrl.grpo", "sb3_textrl.rloo", "sb3_textrl.distributed")),
     ],
-    ids=["lm knows only torch and transformers", "rewards know no env", "envs know no policy"],
+    ids=["lm knows only torch and transformers", "rewards know no env", "envs know no policy", "common knows no algorithm"],
 )
 def test_import_rules(folder, forbidden):
     paths = sorted(folder.rglob("*.py"))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
+from test_grpo import capture_gradients
 
 from sb3_textrl.common.group_vec_env import make_group_vec_env
 from sb3_textrl.common.vec_env import make_text_vec_env
@@ -22,16 +23,6 @@ class EpisodeReturns(BaseCallback):
     def _on_step(self):
         self.returns[self.locals["running"]] += self.locals["rewards"][self.locals["running"]]
         return True
-
-
-def capture_gradients(model):
-    grads = {}
-
-    def step(*args, **kwargs):
-        grads.update({name: p.grad.clone() for name, p in model.policy.named_parameters() if p.grad is not None})
-
-    model.policy.optimizer.step = step
-    return grads
 
 
 @pytest.mark.parametrize("batch_size", [None, 3])

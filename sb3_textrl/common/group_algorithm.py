@@ -21,6 +21,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from sb3_textrl.common.group_advantages import frac_zero_std
 from sb3_textrl.common.group_buffers import GROUP_BUFFERS, DictGroupRolloutBuffer, GroupRolloutBuffer
 from sb3_textrl.common.group_vec_env import GroupedVecEnv
+from sb3_textrl.common.validation import check_positive_int
 from sb3_textrl.lm.log_probs import sample_categorical
 from sb3_textrl.policies import CausalLMActorCriticPolicy
 
@@ -106,12 +107,9 @@ class GroupOnPolicyAlgorithm(OnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
-        if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
-            raise ValueError(f"`n_steps` must be a positive integer (the longest episode of a round), got {n_steps!r}.")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
-        ):
-            raise ValueError(f"`batch_size` must be a positive integer or None (the whole rollout), got {batch_size!r}.")
+        check_positive_int(n_steps, "n_steps", " (the longest episode of a round)")
+        if batch_size is not None:
+            check_positive_int(batch_size, "batch_size", " or None (the whole rollout)")
         if not np.isfinite(beta) or beta < 0:
             raise ValueError(f"`beta` (the KL coefficient in the loss) must be a finite number >= 0, got {beta!r}.")
         super().__init__(

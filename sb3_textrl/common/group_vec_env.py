@@ -19,6 +19,8 @@ import numpy as np
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecEnvWrapper, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepReturn
 
+from sb3_textrl.common.validation import check_positive_int
+
 __all__ = ["GroupMemberWrapper", "GroupedVecEnv", "check_group_size", "group_member_fn", "make_group_vec_env"]
 
 
@@ -307,8 +309,7 @@ def make_group_vec_env(
     :return: the :class:`GroupedVecEnv`
     :raises ValueError: if ``n_envs`` is not a positive integer, or ``group_size`` is < 2 or does not divide ``n_envs``
     """
-    if isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs <= 0:
-        raise ValueError(f"`n_envs` must be a positive integer, got {n_envs!r}.")
+    check_positive_int(n_envs, "n_envs")
     check_group_size(group_size, int(n_envs))
     env_kwargs = dict(env_kwargs or {})
 

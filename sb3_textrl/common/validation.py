@@ -20,7 +20,20 @@ from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
 
 from sb3_textrl.lm.loading import load_tokenizer
 
-__all__ = ["check_lm_setup", "check_rollout_size", "check_same_lm", "check_vec_env"]
+__all__ = ["check_lm_setup", "check_positive_int", "check_rollout_size", "check_same_lm", "check_vec_env"]
+
+
+def check_positive_int(value: Any, name: str, meaning: str = "") -> None:
+    """
+    Refuse anything but a positive integer (``bool`` included, although Python counts it as an ``int``).
+
+    :param value: the value given
+    :param name: how the argument is called where it was given (``n_steps``, ``--n-envs``...)
+    :param meaning: words that follow "a positive integer" in the message, e.g. ``" or None (the whole rollout)"``
+    :raises ValueError: "`name` must be a positive integer{meaning}, got {value!r}."
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer{meaning}, got {value!r}.")
 
 
 def check_rollout_size(
@@ -42,8 +55,7 @@ def check_rollout_size(
     for name, value in zip(names, (n_steps, n_envs, batch_size)):
         if value is None and name == names[2]:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        check_positive_int(value, name)
     steps, envs, batch = names
     rollout = int(n_steps) * int(n_envs)
     if rollout <= 1:

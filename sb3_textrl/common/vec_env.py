@@ -27,6 +27,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv,
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 from sb3_textrl.common.group_vec_env import GroupedVecEnv, check_group_size, group_member_fn
+from sb3_textrl.common.validation import check_positive_int
 from sb3_textrl.rewards import RewardError, RewardFn, get_reward_fn, is_per_token, reward_name, score_completions, term_scores
 
 __all__ = ["TEXT_GENERATION_ENV_ID", "BatchedRewardVecEnv", "make_text_vec_env"]
@@ -173,8 +174,7 @@ def make_text_vec_env(
     :raises ValueError: if ``n_envs`` is not a positive integer, the reward is invalid, or ``group_size`` is < 2 or
         does not divide ``n_envs``
     """
-    if isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs <= 0:
-        raise ValueError(f"`n_envs` must be a positive integer, got {n_envs!r}.")
+    check_positive_int(n_envs, "n_envs")
     if group_size is not None:
         check_group_size(group_size, int(n_envs))
     env_kwargs = dict(env_kwargs or {})

@@ -15,6 +15,7 @@ from stable_baselines3.common.utils import FloatSchedule
 from sb3_textrl.common.group_advantages import LOSS_TYPES, SCALE_REWARDS, group_advantages, token_loss_weights
 from sb3_textrl.common.group_algorithm import GroupOnPolicyAlgorithm
 from sb3_textrl.common.kl import k3_kl
+from sb3_textrl.common.validation import check_positive_int
 
 __all__ = ["GRPO", "SelfGRPO", "clipped_surrogate_loss"]
 
@@ -61,8 +62,7 @@ class GRPO(GroupOnPolicyAlgorithm):
     (:func:`~sb3_textrl.common.kl.k3_kl`), averaged over each minibatch as ``loss_type`` says
     (:func:`~sb3_textrl.common.group_advantages.token_loss_weights`) for ``n_epochs`` epochs over the rollout. With
     ``n_epochs=1`` and one minibatch (the defaults) the ratio is 1: this is REINFORCE with the group baseline. There is
-    no value loss:
-    the policy's value head is neither used nor trained.
+    no value loss: the policy's value head is neither used nor trained.
 
     Use ``GRPO("LMPolicy", make_text_vec_env(n_envs=8, group_size=4, env_kwargs=...), n_steps=max_new_tokens)``, or
     ``GRPO("MlpPolicy", make_group_vec_env("sb3_textrl/TokenMatch-v0", 8, 4))``.
@@ -137,8 +137,7 @@ class GRPO(GroupOnPolicyAlgorithm):
             raise ValueError(f"`scale_rewards` must be one of {SCALE_REWARDS}, got {scale_rewards!r}.")
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"`loss_type` must be one of {LOSS_TYPES}, got {loss_type!r}.")
-        if isinstance(n_epochs, bool) or not isinstance(n_epochs, (int, np.integer)) or n_epochs < 1:
-            raise ValueError(f"`n_epochs` must be a positive integer, got {n_epochs!r}.")
+        check_positive_int(n_epochs, "n_epochs")
         for name, value in (("clip_range", clip_range), ("clip_range_high", clip_range_high)):
             if isinstance(value, (int, float)) and not value > 0:
                 raise ValueError(f"`{name}` must be positive (the clipping's distance from 1), got {value!r}.")

@@ -16,6 +16,8 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
 
+from sb3_textrl.common.validation import check_positive_int
+
 __all__ = ["REINFORCE", "SelfREINFORCE", "incomplete_episode_mask"]
 
 SelfREINFORCE = TypeVar("SelfREINFORCE", bound="REINFORCE")
@@ -138,12 +140,9 @@ class REINFORCE(OnPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
-        if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
-            raise ValueError(f"`n_steps` must be a positive integer, got {n_steps!r}.")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
-        ):
-            raise ValueError(f"`batch_size` must be a positive integer or None (the whole rollout), got {batch_size!r}.")
+        check_positive_int(n_steps, "n_steps")
+        if batch_size is not None:
+            check_positive_int(batch_size, "batch_size", " or None (the whole rollout)")
         super().__init__(
             policy,
             env,
