@@ -1,0 +1,86 @@
+"""Smoke tests of ``benchmarks/learning.py`` and its plain PPO baseline ``benchmarks/plain_ppo.py`` on the tiny LM."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+
+import pytest
+import torch
+from conftest import letter_fraction
+
+from sb3_textrl.lm.loading import eos_token_ids, load_causal_lm, load_tokenizer
+from sb3_textrl.lm.tokens import encode_prompt
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture
+def benchmarks_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarks import each other as top-level modules (``from plain_ppo import ...``)."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+
+
+def test_plain_ppo_updates(tiny_llama_path, benchmarks_path):
+    from plain_ppo import PlainPPO, PlainPPOArgs, args_with
+
+    lm = load_causal_lm(tiny_llama_path)
+    reference = copy.deepcopy(lm).requires_grad_(False)
+    tokenizer = load_tokenizer(tiny_llama_path)
+    prompts = ["Write one sentence about rain.", "Hi"]
+    loop = PlainPPO(
+        lm,
+        reference,
+        prompt_ids=[encode_prompt(tokenizer, p, True) for p in prompts],
+        prompts=prompts,
+        reward_fn=letter_fraction,
+        eos_token_ids=eos_token_ids(tiny_llama_path),
+        pad_token_id=tokenizer.pad_token_id,
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        args=PlainPPOArgs(batch_episodes=4, max_new_tokens=6, batch_size=2, learning_rate=1e-2),
+        seed=0,
+    )
+    first = loop.iteration()
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    assert 4 <= first["tokens"] <= 4 * 6
+    second = loop.iteration()
+    assert second["kl"] != pytest.approx(0.0, abs=1e-5)  # the update moved the policy away from the reference
+    assert not torch.equal(lm.get_input_embeddings().weight, reference.get_input_embeddings().weight)
+    with pytest.raises(ValueError, match="Unknown plain-loop setting"):
+        args_with({"lr": 1e-3})
+
+
+def test_learning_benchmark_smoke(tiny_llama_path, benchmarks_path, tmp_path, capsys):
+    import learning
+
+    out = tmp_path / "out"
+    argv = ["--model", tiny_llama_path, "--seeds", "0", "--iterations", "1", "--eval-samples", "1", "--out", str(out)]
+    argv += ["--configs", "library", "plain", "--config", "vf:vf_coef=0.5,n_epochs=1"]
+    assert learning.main(argv) == 0
+    with open(out / "learning.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    # start and end of each configuration
+    assert [(r["config"], r["iteration"]) for r in rows] == [(c, i) for c in ("library", "plain", "vf") for i in "01"]
+    assert all(r["seed"] == "0" for r in rows) and float(rows[1]["train_seconds"]) > 0
+    assert (out / "learning.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "| library | 1 |" in table and "| vf | 1 |" in table and "| plain | 1 |" in table
+
+
+def test_parse_configuration(benchmarks_path):
+    import argparse
+
+    from learning import Configuration, library_settings, parse_configuration
+
+    spec = parse_configuration("fast:learning_rate=3e-5,policy.lean_activations=False,target_kl=0.1,kl_estimator=k3")
+    assert spec == Configuration(
+        "fast", "library", {"learning_rate": 3e-5, "policy.lean_activations": False, "target_kl": 0.1, "kl_estimator": "k3"}
+    )
+    config, policy_kwargs, algo_kwargs = library_settings(spec, "some-model", seed=3)
+    assert (config.learning_rate, config.kl_estimator, config.seed, config.model) == (3e-5, "k3", 3, "some-model")
+    assert policy_kwargs == {"lean_activations": False} and algo_kwargs == {"target_kl": 0.1}
+    assert parse_configuration("p:base=plain,learning_rate=2e-5") == Configuration("p", "plain", {"learning_rate": 2e-5})
+    for bad in ("library:vf_coef=1", ":vf_coef=1", "x:vf_coef", "x:base=trl"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_configuration(bad)
