@@ -70,10 +70,11 @@ from stable_baselines3.common.callbacks import CallbackList
 import sb3_textrl  # noqa: F401  (registers the env and "LMPolicy")
 from sb3_textrl.common.callbacks import RolloutHistoryCallback
 from sb3_textrl.common.evaluation import evaluate_prompts
-from sb3_textrl.config import TrainConfig, make_env, make_kl_callback, make_model
+from sb3_textrl.config import TrainConfig
 from sb3_textrl.envs.prompts import read_prompts
 from sb3_textrl.lm.loading import eos_token_ids
 from sb3_textrl.lm.tokens import encode_prompt
+from sb3_textrl.main_job import make_env, make_kl_callback, make_model
 from sb3_textrl.policies import CausalLMActorCriticPolicy
 from sb3_textrl.rewards import get_reward_fn, score_completions
 

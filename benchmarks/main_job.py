@@ -7,7 +7,7 @@ it and with its speed-ups off, measured one after the other in one run.
 
 The settings (each in its own process, so peak RSS is its own):
 
-- ``library``: the main job as ``sb3-textrl train`` builds it (``sb3_textrl.config.make_model``).
+- ``library``: the main job as ``sb3-textrl train`` builds it (``sb3_textrl.main_job.make_model``).
 - ``flags-off``: the same, with the KV cache, prefix sharing, packing, prepacked weights and lean activations off,
   and SB3's stock ``DictRolloutBuffer`` (shuffled single steps) instead of the episode buffer. Training still runs one
   forward per group of observations that one covers (:func:`sb3_textrl.lm.tokens.covering_rows`), and the other
@@ -40,8 +40,9 @@ from stable_baselines3.common.callbacks import CallbackList
 
 from sb3_textrl import policies
 from sb3_textrl.common.callbacks import KLPenaltyCallback
-from sb3_textrl.config import TrainConfig, make_env, make_model
+from sb3_textrl.config import TrainConfig
 from sb3_textrl.envs.prompts import read_prompts
+from sb3_textrl.main_job import make_env, make_model
 
 SETTINGS = ("library", "flags-off", "naive")
 BUDGET_SECONDS = 15 * 60  # the main job's training budget

@@ -71,6 +71,22 @@ def masked_whiten(x: th.Tensor, mask: th.Tensor) -> th.Tensor:
     return (x - mean) * th.rsqrt(var + 1e-8) * mask
 
 
+def gae(rewards: th.Tensor, values: th.Tensor, gamma: float, gae_lambda: float) -> th.Tensor:
+    """
+    Generalized advantage estimates (Schulman et al. 2016, eq. 16) over ``(batch, length)`` completions whose rewards
+    and values are 0 after their end, so nothing is bootstrapped.
+    """
+    advantages = th.zeros_like(rewards)
+    lastgaelam = th.zeros(rewards.shape[0], device=rewards.device)
+    n = rewards.shape[1]
+    for t in reversed(range(n)):
+        next_values = values[:, t + 1] if t < n - 1 else 0.0
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        lastgaelam = delta + gamma * gae_lambda * lastgaelam
+        advantages[:, t] = lastgaelam
+    return advantages
+
+
 class PlainPPO:
     """
     PPO on whole episodes from ``model.generate`` (see the module docstring).
@@ -179,15 +195,7 @@ class PlainPPO:
         rewards = -args.kl_coef * kl
         rewards[th.arange(len(draws)), lengths - 1] += scores  # the score at the last token
 
-        # GAE (gamma, lambda) over the completion; values and rewards are 0 after its end, so nothing is bootstrapped
-        advantages = th.zeros_like(rewards)
-        lastgaelam = th.zeros(len(draws), device=self.device)
-        n = rewards.shape[1]
-        for t in reversed(range(n)):
-            next_values = old_values[:, t + 1] if t < n - 1 else 0.0
-            delta = rewards[:, t] + args.gamma * next_values - old_values[:, t]
-            lastgaelam = delta + args.gamma * args.gae_lambda * lastgaelam
-            advantages[:, t] = lastgaelam
+        advantages = gae(rewards, old_values, args.gamma, args.gae_lambda)
         returns = advantages + old_values
         advantages = masked_whiten(advantages, mask)
         t2 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Command line: ``sb3-textrl train`` (also ``python -m sb3_textrl train``), the RLHF main job with stock PPO.
+"""Command line: ``sb3-textrl train`` (also ``python -m sb3_textrl train``), the RLHF main job with stock PPO, or with
+A2C, REINFORCE, GRPO or RLOO (``--algo``; GRPO and RLOO with ``--group-size G`` completions per prompt).
 
 The settings and their defaults are :class:`sb3_textrl.config.TrainConfig`'s; this module parses them, runs the job
 (:func:`train`) and reports. Only ``sb3_textrl.__main__`` imports it.
@@ -19,14 +20,15 @@ from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
-from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_textrl  # noqa: F401  (registers the env and the "LMPolicy" alias)
 from sb3_textrl import distributed
-from sb3_textrl.common.callbacks import KLPenaltyCallback, LMEvalCallback, RolloutHistoryCallback
-from sb3_textrl.common.evaluation import EvaluationResult, evaluate_prompts
+from sb3_textrl.common.callbacks import LMEvalCallback, RolloutHistoryCallback
+from sb3_textrl.common.evaluation import EvaluationResult, evaluate_prompts, paired_difference
+from sb3_textrl.common.group_vec_env import GroupedVecEnv
 from sb3_textrl.common.plotting import plot_rollout_history
 from sb3_textrl.common.training_checkpoints import (
     AtomicCheckpointCallback,
@@ -41,11 +43,9 @@ from sb3_textrl.config import (
     TrainConfig,
     add_arguments,
     check_resume_args,
-    make_env,
-    make_kl_callback,
-    make_model,
 )
 from sb3_textrl.envs.prompts import read_prompts
+from sb3_textrl.main_job import make_env, make_kl_callback, make_model
 
 __all__ = ["TrainingInterrupted", "build_parser", "format_table", "main", "train"]
 
@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser(
         "train",
-        help="fine-tune an LM with stock PPO, a reward function and a KL penalty (RLHF main job)",
-        description="PPO('LMPolicy') on sb3_textrl/TextGeneration-v0 with a KL penalty to the reference model; "
-        "prints a before/after table on held-out prompts and saves the model, an export and a PNG of the curves.",
+        help="fine-tune an LM with PPO (or --algo a2c, reinforce, grpo, rloo), a reward function and a KL penalty",
+        description="PPO('LMPolicy') (or --algo A2C, REINFORCE, GRPO, RLOO) on sb3_textrl/TextGeneration-v0 with a KL "
+        "penalty to the reference model; prints a before/after table on held-out prompts and saves the model, an export "
+        "and a PNG of the curves. Flags whose help names algorithms apply to those only.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(train_parser)
@@ -111,6 +112,12 @@ def format_table(before: EvaluationResult, after: EvaluationResult, n_prompts: i
         f"| {'mean reward (greedy)':<24} | {before.reward_greedy:>+8.3f} | {after.reward_greedy:>+8.3f} |",
         f"| {'mean reward (sampled)':<24} | {before.reward_sampled:>+8.3f} | {after.reward_sampled:>+8.3f} |",
         f"| {'KL to reference (nats)':<24} | {before.kl:>8.3f} | {after.kl:>8.3f} |",
+    ]
+    change = _sampled_change(before, after)
+    if change is not None:
+        ci95 = change["reward_sampled_ci95"]
+        lines.append(f"Change of the sampled reward: {change['reward_sampled']:+.3f} ± {ci95:.3f} (95 % CI over prompts)")
+    lines += [
         "",
         "Sample completions (greedy):",
     ]
@@ -175,9 +182,10 @@ def _start_run(config: TrainConfig, started: float) -> _Run:
     )
 
 
-def _build_model(run: _Run, env: VecEnv, callbacks: list[BaseCallback]) -> tuple[PPO, EvaluationResult | None]:
+def _build_model(run: _Run, env: VecEnv, callbacks: list[BaseCallback]) -> tuple[OnPolicyAlgorithm, EvaluationResult | None]:
     """
-    A new ``PPO("LMPolicy")``, or with ``--resume`` the checkpointed one (which restores ``callbacks`` too).
+    A new ``PPO("LMPolicy")`` (or ``--algo``'s), or with ``--resume`` the checkpointed one (which restores ``callbacks``
+    too; the checkpoint names its algorithm).
 
     :return: the model, and the checkpointed run's evaluation before training (``None`` for a new run)
     """
@@ -201,7 +209,7 @@ def _build_model(run: _Run, env: VecEnv, callbacks: list[BaseCallback]) -> tuple
     return model, EvaluationResult(**saved["before"])
 
 
-def _evaluate_before(run: _Run, model: PPO) -> EvaluationResult | None:
+def _evaluate_before(run: _Run, model: OnPolicyAlgorithm) -> EvaluationResult | None:
     """The held-out evaluation before training, on rank 0 (``None`` on the other ranks)."""
     if not run.main_process:
         return None
@@ -210,11 +218,32 @@ def _evaluate_before(run: _Run, model: PPO) -> EvaluationResult | None:
     return evaluate_prompts(model.policy, run.eval_prompts, **run.config.evaluate_kwargs)
 
 
-def _make_callbacks(
-    run: _Run, kl_callback: KLPenaltyCallback, history: RolloutHistoryCallback, before: EvaluationResult | None
-) -> _Callbacks:
-    """The checkpoints (with what ``--resume`` checks), the ranks' synchronisation and the periodic evaluation."""
-    config = run.config
+class _GroupDrawsCallback(BaseCallback):
+    """Checkpoints the prompt draws of a ``GroupedVecEnv`` (GRPO, RLOO) as they stood before the next round (drawn before
+    the checkpoint's boundary), so that a resumed run plays the rounds the interrupted one would have played."""
+
+    def __init__(self, env: GroupedVecEnv):
+        super().__init__()
+        self.env, self.draws = env, env.state_dict()
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.draws = self.env.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.draws
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.draws = state
+        self.env.load_state_dict(state)
+
+
+def _make_callbacks(run: _Run, state_callbacks: list[BaseCallback], before: EvaluationResult | None) -> _Callbacks:
+    """The checkpoints (with what ``--resume`` checks, and ``state_callbacks``: the KL penalty, the rollout history, for
+    GRPO and RLOO the prompt draws), the ranks' synchronisation and the periodic evaluation."""
+    config, (kl_callback, history) = run.config, state_callbacks[:2]
     run_args = {name: getattr(config, name) for name in (*RESUME_FIXED_ARGS, "model", "total_timesteps", "learning_rate")}
     run_args["checkpoint_every"] = config.checkpoint_every or 0
     extra_state = {
@@ -226,25 +255,27 @@ def _make_callbacks(
     checkpoint = AtomicCheckpointCallback(
         config.checkpoint_every or 0,
         run.checkpoint_dir,
-        callbacks=[kl_callback, history],
+        callbacks=state_callbacks,
         extra_state=extra_state,
         keep_last=config.keep_checkpoints,
     )
     stopper: AtomicCheckpointCallback | distributed.DistributedCallback = checkpoint
-    ordered: list[BaseCallback] = [kl_callback, history, checkpoint]
+    ordered: list[BaseCallback] = [*state_callbacks, checkpoint]
     if run.parallel:  # all ranks stop together (SIGINT on any); rank 0 alone checkpoints
         stopper = distributed.DistributedCallback(kl_callback, history, stop_callback=checkpoint)
-        ordered[2:] = [stopper, checkpoint] if run.main_process else [stopper]
+        ordered[len(state_callbacks) :] = [stopper, checkpoint] if run.main_process else [stopper]
     eval_callback = None
     if config.eval_every > 0 and run.main_process:  # its results restart after a resume (they are not checkpointed)
-        eval_kwargs = {**run.config.evaluate_kwargs, "n_samples": 1}
         eval_dir = os.path.join(config.output_dir, "eval")
-        eval_callback = LMEvalCallback(run.eval_prompts, config.eval_every, log_path=eval_dir, **eval_kwargs)
+        start = before if run.saved is None else None  # the curve's first point costs no second evaluation
+        eval_callback = LMEvalCallback(
+            run.eval_prompts, config.eval_every, log_path=eval_dir, before=start, **run.config.evaluate_kwargs
+        )
         ordered.append(eval_callback)
     return _Callbacks(history, checkpoint, stopper, eval_callback, ordered)
 
 
-def _learn(run: _Run, model: PPO, callbacks: _Callbacks) -> float:
+def _learn(run: _Run, model: OnPolicyAlgorithm, callbacks: _Callbacks) -> float:
     """
     Train up to ``--total-timesteps``; SIGINT stops at the next step.
 
@@ -270,7 +301,7 @@ def _learn(run: _Run, model: PPO, callbacks: _Callbacks) -> float:
     return time.time() - train_started
 
 
-def _raise_if_stopped(run: _Run, model: PPO, callbacks: _Callbacks) -> None:
+def _raise_if_stopped(run: _Run, model: OnPolicyAlgorithm, callbacks: _Callbacks) -> None:
     """
     End the run if SIGINT stopped training: rank 0 checkpoints the last rollout boundary first.
 
@@ -287,7 +318,9 @@ def _raise_if_stopped(run: _Run, model: PPO, callbacks: _Callbacks) -> None:
     raise TrainingInterrupted(path, read_resume_state(path)["model"]["num_timesteps"])
 
 
-def _save_outputs(run: _Run, model: PPO, sharded: Any, full_state: dict | None, history: list[dict]) -> tuple[str, str, str]:
+def _save_outputs(
+    run: _Run, model: OnPolicyAlgorithm, sharded: Any, full_state: dict | None, history: list[dict]
+) -> tuple[str, str, str]:
     """
     Plot ``history`` to ``curves.png``, then write ``model.zip`` and the export ``pretrained/`` (from ``full_state``,
     the gathered weights of the policy ``sharded``, under FSDP).
@@ -295,12 +328,21 @@ def _save_outputs(run: _Run, model: PPO, sharded: Any, full_state: dict | None, 
     :return: the paths of ``curves.png``, ``model.zip`` and the export folder
     """
     output_dir = run.config.output_dir
-    curves = plot_rollout_history(history, os.path.join(output_dir, "curves.png"), f"PPO on {run.config.model}")
+    title = f"{run.config.algo.upper()} on {run.config.model}"
+    curves = plot_rollout_history(history, os.path.join(output_dir, "curves.png"), title)
     export_dir = os.path.join(output_dir, "pretrained")
     with sharded.as_full_state(full_state) if full_state is not None else contextlib.nullcontext():
         model_path = atomic_write(os.path.join(output_dir, "model.zip"), model.save)  # never a broken model.zip
         model.policy.save_pretrained(export_dir)
     return curves, model_path, export_dir
+
+
+def _sampled_change(before: EvaluationResult, after: EvaluationResult) -> dict[str, float] | None:
+    """The held-out sampled reward's change with its 95 % CI over prompts (``None`` if the protocols differ)."""
+    if before.protocol != after.protocol or not before.reward_sampled_per_prompt:
+        return None
+    change, ci95 = paired_difference(before, after)
+    return {"reward_sampled": change, "reward_sampled_ci95": ci95}
 
 
 def _write_results(
@@ -312,6 +354,8 @@ def _write_results(
         "args": {"command": "train", **dataclasses.asdict(run.config)},
         "before": before.__dict__,
         "after": after.__dict__,
+        "eval_protocol": after.protocol,
+        "change": _sampled_change(before, after),
         "history": history,
         "evaluations": callbacks.eval_callback.results if callbacks.eval_callback is not None else [],
         "iterations": len(history),
@@ -338,13 +382,16 @@ def train(args: argparse.Namespace | TrainConfig) -> dict:
     history = RolloutHistoryCallback(kl_callback)
     os.makedirs(run.config.output_dir, exist_ok=True)
     env = make_env(run.config, run.train_prompts, run.seed)
-    model, before = _build_model(run, env, [kl_callback, history])
+    state_callbacks: list[BaseCallback] = [kl_callback, history]
+    if isinstance(env, GroupedVecEnv):  # GRPO, RLOO: the checkpoints keep the prompt draws too
+        state_callbacks.append(_GroupDrawsCallback(env))
+    model, before = _build_model(run, env, state_callbacks)
     sharded = distributed.prepare_model(model, fsdp=run.config.fsdp)  # no-op in one process
     if run.saved is None:
         before = _evaluate_before(run, model)
     if run.main_process:
         print(f"Evaluated in {time.time() - started:.0f} s (since start); training ...", flush=True)
-    callbacks = _make_callbacks(run, kl_callback, history, before)
+    callbacks = _make_callbacks(run, state_callbacks, before)
     train_seconds = _learn(run, model, callbacks)
     _raise_if_stopped(run, model, callbacks)
     if run.parallel:
@@ -360,7 +407,8 @@ def train(args: argparse.Namespace | TrainConfig) -> dict:
     curves, model_path, export_dir = _save_outputs(run, model, sharded, full_state, history.history)
     results = _write_results(run, callbacks, before, after, train_seconds)
     print(
-        f"\n{len(history.history)} PPO iterations in {train_seconds:.0f} s (total {results['total_seconds']:.0f} s).\n"
+        f"\n{len(history.history)} {run.config.algo.upper()} iterations in {train_seconds:.0f} s "
+        f"(total {results['total_seconds']:.0f} s).\n"
         f"Wrote {model_path}, {export_dir}/, {curves} and results.json.",
         flush=True,
     )

@@ -1,7 +1,8 @@
 """The settings of the main job, ``sb3-textrl train``, in one place: :class:`TrainConfig`. The command line's flags are
 generated from its fields (:func:`add_arguments`), the resume check reads their metadata (:data:`RESUME_FIXED_ARGS`),
 and ``tests/test_config.py`` keeps the RL Zoo file ``examples/hyperparams/ppo.yml`` equal to the defaults.
-:func:`make_env`, :func:`make_model` and :func:`make_kl_callback` build the main job from a config.
+:mod:`sb3_textrl.main_job` builds the main job from a config, with the algorithm ``--algo`` names (PPO by default;
+A2C, REINFORCE, GRPO or RLOO) and, for GRPO and RLOO, environments in groups of ``--group-size`` completions per prompt.
 
 Each field is one ``--flag`` (the name with ``-`` for ``_``). Its ``metadata`` holds the flag's ``"help"``,
 ``"fixed_on_resume": True`` when a resumed run must keep the checkpointed value (:data:`RESUME_FIXED_ARGS`), and
@@ -20,42 +21,37 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from stable_baselines3 import PPO
-from stable_baselines3.common.vec_env import VecEnv
-
 from sb3_textrl import distributed
-from sb3_textrl.common.buffers import EpisodeRolloutBuffer
-from sb3_textrl.common.callbacks import KLPenaltyCallback
-from sb3_textrl.common.kl import AdaptiveKLController
 from sb3_textrl.common.validation import check_rollout_size
-from sb3_textrl.common.vec_env import make_text_vec_env
 from sb3_textrl.envs.prompts import packaged_prompts
 
 __all__ = [
+    "GROUP_ALGOS",
     "RESUME_FIXED_ARGS",
     "TrainConfig",
     "add_arguments",
     "check_resume_args",
-    "make_env",
-    "make_kl_callback",
-    "make_model",
     "resume_fixed_fields",
 ]
 
 # field metadata keys passed on to ``ArgumentParser.add_argument`` as they are
 _ARGPARSE_KEYS = ("type", "choices", "nargs", "metavar")
 
+#: the values of ``--algo`` that play the environments in groups of ``--group-size`` (one round per rollout)
+GROUP_ALGOS = ("grpo", "rloo")
+
 
 @dataclass
 class TrainConfig:
     """
-    Every setting of the main job, ``sb3-textrl train``: PPO('LMPolicy') on ``sb3_textrl/TextGeneration-v0`` with a
-    KL penalty to the reference model. The defaults are the command line's; each field's ``metadata["help"]`` is its
-    flag's help. ``TrainConfig()`` is the main job as ``sb3-textrl train`` runs it with no arguments.
+    Every setting of the main job, ``sb3-textrl train``: PPO('LMPolicy') (or the algorithm ``algo`` names) on
+    ``sb3_textrl/TextGeneration-v0`` with a KL penalty to the reference model. The defaults are the command line's;
+    each field's ``metadata["help"]`` is its flag's help and says which algorithms use it (the others are not given
+    it). ``TrainConfig()`` is the main job as ``sb3-textrl train`` runs it with no arguments.
 
-    :raises ValueError: (on construction) if a number is out of range, the rollout cannot hold a minibatch, or
-        ``fsdp=True`` is asked for outside ``torchrun`` or together with ``resume`` / ``checkpoint_every``; the message
-        names the ``--flag``
+    :raises ValueError: (on construction) if a number is out of range, the rollout cannot hold a minibatch, ``algo``
+        and ``group_size`` do not fit (:meth:`_check_groups`), or ``fsdp=True`` is asked for outside ``torchrun`` or
+        together with ``resume`` / ``checkpoint_every``; the message names the ``--flag``
     """
 
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "LM alias, .gguf file or save_pretrained directory"})
@@ -76,21 +72,48 @@ class TrainConfig:
             "fixed_on_resume": True,
         },
     )
-    total_timesteps: int = field(default=7_680, metadata={"help": "PPO budget in generated tokens (env steps)"})
+    algo: Literal["ppo", "a2c", "reinforce", "grpo", "rloo"] = field(
+        default="ppo",
+        metadata={
+            "help": "the RL algorithm; grpo and rloo compare the completions of each prompt and need --group-size",
+            "fixed_on_resume": True,
+        },
+    )
+    total_timesteps: int = field(default=7_680, metadata={"help": "training budget in generated tokens (env steps)"})
     max_new_tokens: int = field(default=24, metadata={"help": "completion length limit (tokens)", "fixed_on_resume": True})
     n_envs: int = field(
         default=16, metadata={"help": "parallel environments (completions per rollout step)", "fixed_on_resume": True}
     )
+    group_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "grpo, rloo: completions per prompt (>= 2, dividing --n-envs): each rollout plays n_envs / G prompts "
+            "G times each; default: none (independent episodes, the other algorithms)",
+            "metavar": "G",
+            "fixed_on_resume": True,
+        },
+    )
     n_steps: int | None = field(
         default=None,
-        metadata={"help": "steps per environment per rollout (default: --max-new-tokens)", "fixed_on_resume": True},
+        metadata={
+            "help": "steps per environment per rollout (default: --max-new-tokens; grpo, rloo: at least that, one round)",
+            "fixed_on_resume": True,
+        },
     )
     batch_size: int = field(
-        default=192, metadata={"help": "PPO minibatch size in steps (whole episodes)", "fixed_on_resume": True}
+        default=192,
+        metadata={
+            "help": "minibatch size in steps (whole episodes): ppo, grpo; reinforce, rloo: gradient accumulation "
+            "(one update per rollout); not a2c",
+            "fixed_on_resume": True,
+        },
     )
-    n_epochs: int = field(default=2, metadata={"help": "PPO epochs per rollout", "fixed_on_resume": True})
+    n_epochs: int = field(default=2, metadata={"help": "epochs per rollout (ppo, grpo)", "fixed_on_resume": True})
     learning_rate: float = field(default=2e-5, metadata={"help": "Adam learning rate"})
-    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient (0 disables it)", "fixed_on_resume": True})
+    kl_coef: float = field(
+        default=0.05,
+        metadata={"help": "KL penalty coefficient on the rewards, every algorithm (0 disables it)", "fixed_on_resume": True},
+    )
     kl_target: float | None = field(
         default=None,
         metadata={
@@ -104,18 +127,54 @@ class TrainConfig:
     kl_estimator: Literal["k1", "k3"] = field(
         default="k1", metadata={"help": "per-token KL estimator", "fixed_on_resume": True}
     )
-    gamma: float = field(default=1.0, metadata={"help": "discount factor", "fixed_on_resume": True})
-    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda", "fixed_on_resume": True})
-    clip_range: float = field(default=0.2, metadata={"help": "PPO clip range", "fixed_on_resume": True})
-    vf_coef: float = field(default=0.1, metadata={"help": "value loss coefficient", "fixed_on_resume": True})
+    gamma: float = field(default=1.0, metadata={"help": "discount factor (ppo, a2c, reinforce)", "fixed_on_resume": True})
+    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda (ppo, a2c)", "fixed_on_resume": True})
+    clip_range: float = field(
+        default=0.2, metadata={"help": "clip range (ppo; grpo: its lower side)", "fixed_on_resume": True}
+    )
+    clip_range_high: float | None = field(
+        default=None,
+        metadata={
+            "help": "grpo: upper clip range (DAPO's clip-higher, e.g. 0.28); default: --clip-range",
+            "fixed_on_resume": True,
+        },
+    )
+    scale_rewards: Literal["group", "batch", "none"] = field(
+        default="group",
+        metadata={"help": "grpo: divide the advantages by the std of the group, batch or none", "fixed_on_resume": True},
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = field(
+        default="grpo", metadata={"help": "grpo: how the per-token loss is averaged", "fixed_on_resume": True}
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "grpo, rloo: coefficient of the k3 KL to the reference model in the loss (0: none); on top of --kl-coef",
+            "fixed_on_resume": True,
+        },
+    )
+    vf_coef: float = field(
+        default=0.1, metadata={"help": "value loss coefficient (ppo, a2c, reinforce)", "fixed_on_resume": True}
+    )
     ent_coef: float = field(default=0.0, metadata={"help": "entropy bonus coefficient", "fixed_on_resume": True})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient norm clipping", "fixed_on_resume": True})
-    eval_samples: int = field(default=2, metadata={"help": "sampled completions per held-out prompt", "fixed_on_resume": True})
+    eval_samples: int = field(
+        default=8,
+        metadata={"help": "sampled completions per held-out prompt, plus one greedy", "fixed_on_resume": True},
+    )
+    eval_seed: int = field(
+        default=0,
+        metadata={
+            "help": "seed of the held-out evaluations' common random numbers: every evaluation draws the same numbers, "
+            "so a change comes from the model, not from sampling",
+            "fixed_on_resume": True,
+        },
+    )
     eval_every: int = field(
         default=10,
         metadata={
-            "help": "also evaluate the held-out prompts every N rollouts during training (one sample per prompt; eval/ keys, "
-            "OUTPUT_DIR/eval/samples.md and eval_curves.png); 0 disables"
+            "help": "also evaluate the held-out prompts every N rollouts during training, as before and after (eval/ keys, "
+            "OUTPUT_DIR/eval/samples.md and eval_curves.png, from the before point on); 0 disables"
         },
     )
     seed: int = field(default=0, metadata={"help": "random seed", "fixed_on_resume": True})
@@ -168,6 +227,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        if self.eval_seed < 0:
+            raise ValueError(f"`--eval-seed` must be an integer >= 0, got {self.eval_seed}.")
         if not self.learning_rate > 0:
             raise ValueError(f"`--learning-rate` must be > 0, got {self.learning_rate}.")
         if self.checkpoint_every is not None and self.checkpoint_every < 0:
@@ -176,6 +237,8 @@ class TrainConfig:
             )
         if self.eval_every < 0:
             raise ValueError(f"`--eval-every` (rollouts) must be >= 0, got {self.eval_every}; 0 disables it.")
+        if not self.beta >= 0:
+            raise ValueError(f"`--beta` (the KL coefficient in the loss) must be >= 0, got {self.beta}; 0 turns it off.")
         if self.activation_checkpointing < 0:
             raise ValueError(
                 f"`--activation-checkpointing` (every N-th decoder layer) must be >= 0, got {self.activation_checkpointing}; "
@@ -192,11 +255,50 @@ class TrainConfig:
                     f"`{flag}` with `--fsdp`: FSDP mode writes no checkpoints (each rank holds a shard of the Adam state): "
                     "drop the flag, or train without --fsdp."
                 )
-        check_rollout_size(self.rollout_steps, self.n_envs, self.batch_size, names=("--n-steps", "--n-envs", "--batch-size"))
+        self._check_groups()
+        batch_size = None if self.algo == "a2c" else self.batch_size  # A2C takes the whole rollout at once
+        check_rollout_size(self.rollout_steps, self.n_envs, batch_size, names=("--n-steps", "--n-envs", "--batch-size"))
+
+    def _check_groups(self) -> None:
+        """GRPO and RLOO need ``--group-size`` (>= 2, dividing ``--n-envs``), a rollout of one whole round and one process."""
+        if self.algo not in GROUP_ALGOS:
+            if self.group_size:  # None and 0 both mean no groups
+                raise ValueError(
+                    f"`--group-size` ({self.group_size}) is for --algo grpo or rloo, which compare the completions of a "
+                    f"prompt; --algo {self.algo} plays independent episodes: drop --group-size, or use --algo grpo."
+                )
+            return
+        if self.group_size is None:
+            raise ValueError(
+                f"`--algo {self.algo}` compares the completions of each prompt: give `--group-size`, the completions per "
+                "prompt (G >= 2, dividing --n-envs), e.g. --group-size 4 with --n-envs 16."
+            )
+        if self.group_size < 2:
+            raise ValueError(
+                f"`--group-size` must be at least 2 for --algo {self.algo} (each completion is compared with the others "
+                f"of its prompt), got {self.group_size}: e.g. --group-size 4 with --n-envs 16."
+            )
+        if self.n_envs % self.group_size != 0:
+            suggestion = self.group_size * max(1, round(self.n_envs / self.group_size))
+            raise ValueError(
+                f"`--n-envs` ({self.n_envs}) must be a multiple of `--group-size` ({self.group_size}): the envs form "
+                f"n_envs / group_size groups. Use --n-envs {suggestion}, or a --group-size that divides {self.n_envs}."
+            )
+        if self.n_steps is not None and self.n_steps < self.max_new_tokens:
+            raise ValueError(
+                f"`--n-steps` ({self.n_steps}) must be at least `--max-new-tokens` ({self.max_new_tokens}) for --algo "
+                f"{self.algo}: a rollout is one round, a whole completion per env. Leave --n-steps out (it defaults to "
+                "--max-new-tokens)."
+            )
+        if distributed.launched_distributed():
+            raise ValueError(
+                f"`--algo {self.algo}` under torchrun: data-parallel training needs the same number of minibatches on "
+                "every rank, which the group rollout buffers do not give; run GRPO and RLOO in one process."
+            )
 
     @property
     def rollout_steps(self) -> int:
-        """PPO's ``n_steps``: ``n_steps`` if given, else ``max_new_tokens`` (one rollout = one completion per env)."""
+        """The algorithm's ``n_steps``: ``n_steps`` if given, else ``max_new_tokens`` (a rollout = one completion per env)."""
         return self.n_steps or self.max_new_tokens
 
     @property
@@ -207,6 +309,7 @@ class TrainConfig:
             reward_kwargs=self.reward_kwargs,
             max_new_tokens=self.max_new_tokens,
             n_samples=self.eval_samples,
+            seed=self.eval_seed,
         )
 
     @classmethod
@@ -281,66 +384,3 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type[TrainConfi
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
         parser.add_argument("--" + f.name.replace("_", "-"), **_argument_options(f, hints[f.name]))
-
-
-def make_env(config: TrainConfig, prompts: list[str], seed: int) -> VecEnv:
-    """
-    The main job's ``config.n_envs`` environments over ``prompts``, scored with one reward call per step
-    (:func:`~sb3_textrl.common.vec_env.make_text_vec_env`).
-
-    :param config: the main job's settings (``model``, ``reward``, ``reward_kwargs``, ``max_new_tokens``, ``n_envs``)
-    :param prompts: the training prompts
-    :param seed: the base seed (env ``i`` gets ``seed + i``)
-    """
-    env_kwargs = dict(
-        model_name_or_path=config.model,
-        prompts=prompts,
-        reward_fn=config.reward,
-        reward_kwargs=config.reward_kwargs,
-        max_new_tokens=config.max_new_tokens,
-        render_mode=None,
-    )
-    return make_text_vec_env(n_envs=config.n_envs, seed=seed, env_kwargs=env_kwargs)
-
-
-def make_model(config: TrainConfig, env: VecEnv, **kwargs: Any) -> PPO:
-    """
-    ``PPO("LMPolicy", env)`` with the main job's hyperparameters from ``config``, the episode rollout buffer and
-    ``policy_kwargs=dict(activation_checkpointing=...)`` (and ``prefix_sharing=False`` with ``config.fsdp``).
-
-    :param config: the main job's settings
-    :param env: the environments, e.g. from :func:`make_env`
-    :param kwargs: more ``PPO`` keywords (``seed``, ``device``, ``verbose``), or ones that replace the main job's
-        (``rollout_buffer_class``, ``policy_kwargs``)
-    """
-    policy_kwargs = dict(activation_checkpointing=config.activation_checkpointing or False)
-    if config.fsdp:  # one forward per minibatch on every rank (see sb3_textrl.distributed.fsdp)
-        policy_kwargs["prefix_sharing"] = False
-    settings = dict(
-        learning_rate=config.learning_rate,
-        n_steps=config.rollout_steps,
-        batch_size=config.batch_size,
-        n_epochs=config.n_epochs,
-        gamma=config.gamma,
-        gae_lambda=config.gae_lambda,
-        clip_range=config.clip_range,
-        vf_coef=config.vf_coef,
-        ent_coef=config.ent_coef,
-        max_grad_norm=config.max_grad_norm,
-        rollout_buffer_class=EpisodeRolloutBuffer,
-        policy_kwargs=policy_kwargs,
-    )
-    return PPO("LMPolicy", env, **{**settings, **kwargs})
-
-
-def make_kl_callback(config: TrainConfig) -> KLPenaltyCallback:
-    """
-    The main job's KL penalty to the reference model: a fixed ``kl_coef``, or with ``kl_target`` an
-    :class:`~sb3_textrl.common.kl.AdaptiveKLController` that starts there.
-
-    :param config: the main job's settings (``kl_coef``, ``kl_target``, ``kl_horizon``, ``kl_estimator``)
-    """
-    kl_coef: float | AdaptiveKLController = config.kl_coef
-    if config.kl_target is not None:
-        kl_coef = AdaptiveKLController(kl_coef=config.kl_coef, target=config.kl_target, horizon=config.kl_horizon)
-    return KLPenaltyCallback(kl_coef=kl_coef, estimator=config.kl_estimator)

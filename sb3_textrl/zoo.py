@@ -16,35 +16,63 @@ Passing ``--gym-packages sb3_textrl.zoo`` to ``python -m rl_zoo3.train`` imports
   learning rates up to 2e-3, and replace the YAML's whole ``policy_kwargs`` with ``net_arch``/``activation_fn`` (which
   ``LMPolicy`` ignores). The LM samplers leave ``n_steps``, ``batch_size``, ``gamma`` and ``policy_kwargs`` as the YAML
   sets them. Other policies (``MlpPolicy`` on ``LinearToy-v0``...) keep the zoo's samplers.
+- The zoo's ``ALGOS`` get ``grpo``, ``rloo`` and ``reinforce`` (:data:`ZOO_ALGOS`). rl_zoo3 2.9.2 checks ``--algo``
+  against ``ALGOS`` before it imports ``--gym-packages``, so these run through this module's command line, which
+  installs the hooks first and then runs the zoo's own (:func:`main`)::
+
+      python -m sb3_textrl.zoo train --algo grpo --env sb3_textrl/TextGeneration-v0 --conf-file grpo.yml
+      python -m sb3_textrl.zoo enjoy --algo grpo --env sb3_textrl/TextGeneration-v0 -f logs
+
+- GRPO and RLOO train on groups: the YAML wraps each env in ``GroupMemberWrapper`` (``env_wrapper``) and the
+  ``VecEnv`` in ``GroupedVecEnv`` (last in ``vec_env_wrapper``, with ``group_size``), as
+  ``make_text_vec_env(..., group_size=G)`` does. The evaluation env (``EvalCallback``) and ``enjoy``'s env play
+  independent episodes: they are built without those two wrappers (:func:`strip_group_wrappers`).
 
 Nothing changes for the zoo until ``install()`` runs; it runs once, on import, and is idempotent.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import optuna
+import rl_zoo3.enjoy
 from rl_zoo3 import hyperparams_opt
 from rl_zoo3.exp_manager import ExperimentManager
-from rl_zoo3.utils import get_class_by_name
+from rl_zoo3.utils import ALGOS, get_class_by_name, get_wrapper_class
+from stable_baselines3.common.base_class import BaseAlgorithm
 
 import sb3_textrl  # noqa: F401  (registers the environments and the "LMPolicy" alias)
+from sb3_textrl.grpo import GRPO
 from sb3_textrl.policies import CausalLMActorCriticPolicy
+from sb3_textrl.reinforce import REINFORCE
+from sb3_textrl.rloo import RLOO
 
 __all__ = [
+    "GROUP_WRAPPERS",
     "LM_POLICY_NAMES",
     "LM_SAMPLERS",
+    "ZOO_ALGOS",
     "Sampler",
     "convert_lm_params",
     "install",
     "is_lm_policy",
+    "main",
     "resolve_rollout_buffer",
     "sample_a2c_lm_params",
     "sample_ppo_lm_params",
+    "strip_group_wrappers",
     "uses_lm_policy",
 ]
+
+#: the algorithms :func:`install` adds to the zoo's ``ALGOS`` (``--algo``)
+ZOO_ALGOS: dict[str, type[BaseAlgorithm]] = {"grpo": GRPO, "rloo": RLOO, "reinforce": REINFORCE}
+
+#: the wrappers that make the envs play in groups (``env_wrapper`` and ``vec_env_wrapper`` entries of a zoo YAML),
+#: left out of the evaluation env and of ``enjoy``'s env
+GROUP_WRAPPERS = ("GroupMemberWrapper", "GroupedVecEnv")
 
 #: an Optuna sampler of the zoo: ``(trial, n_actions, n_envs, additional_args) -> hyperparameters``
 Sampler = Callable[[optuna.Trial, int, int, dict], dict[str, Any]]
@@ -78,6 +106,44 @@ def resolve_rollout_buffer(hyperparams: dict[str, Any]) -> dict[str, Any]:
     if isinstance(hyperparams.get("rollout_buffer_kwargs"), str):
         hyperparams["rollout_buffer_kwargs"] = eval(hyperparams["rollout_buffer_kwargs"])
     return hyperparams
+
+
+def _wrapper_entries(value: Any) -> list[Any]:
+    """The entries of an ``env_wrapper``/``vec_env_wrapper`` value: none, one, or a list."""
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def _wrapper_name(entry: Any) -> str:
+    """The class name of an ``env_wrapper``/``vec_env_wrapper`` entry: an import path, ``{path: kwargs}`` or a class."""
+    if isinstance(entry, dict):
+        entry = next(iter(entry))
+    return entry.__name__ if isinstance(entry, type) else str(entry).rsplit(".", 1)[-1]
+
+
+def strip_group_wrappers(hyperparams: dict[str, Any]) -> dict[str, Any]:
+    """
+    A copy of a zoo hyperparameter dict whose ``env_wrapper`` and ``vec_env_wrapper`` leave out the group wrappers
+    (:data:`GROUP_WRAPPERS`): the same envs, playing independent episodes (for evaluation and ``enjoy``).
+
+    :param hyperparams: the hyperparameters of one environment, as read from the YAML (or the run's ``config.yml``)
+    :return: the copy (``hyperparams`` itself is left as it is)
+    """
+    stripped = dict(hyperparams)
+    for key in ("env_wrapper", "vec_env_wrapper"):
+        entries = _wrapper_entries(stripped.get(key))
+        kept = [entry for entry in entries if _wrapper_name(entry) not in GROUP_WRAPPERS]
+        if len(kept) == len(entries):
+            continue
+        if kept:
+            stripped[key] = kept
+        else:
+            del stripped[key]
+    return stripped
+
+
+def _uses_groups(hyperparams: dict[str, Any]) -> bool:
+    entries = [*_wrapper_entries(hyperparams.get("env_wrapper")), *_wrapper_entries(hyperparams.get("vec_env_wrapper"))]
+    return any(_wrapper_name(entry) in GROUP_WRAPPERS for entry in entries)
 
 
 def _sample_lm_common(trial: optuna.Trial) -> dict[str, Any]:
@@ -121,8 +187,7 @@ def _dispatch_sampler(stock: Sampler, lm: Sampler) -> Sampler:
     def sample(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
         return (lm if uses_lm_policy else stock)(trial, n_actions, n_envs, additional_args)
 
-    sample._sb3_textrl_dispatch = True  # type: ignore[attr-defined]
-    return sample
+    return _patched(sample)
 
 
 def _dispatch_converter(stock: Callable[[dict], dict]) -> Callable[[dict], dict]:
@@ -130,24 +195,21 @@ def _dispatch_converter(stock: Callable[[dict], dict]) -> Callable[[dict], dict]
         # the zoo's samplers all draw `one_minus_gamma`; the LM samplers never do
         return stock(params) if "one_minus_gamma" in params else convert_lm_params(params)
 
-    convert._sb3_textrl_dispatch = True  # type: ignore[attr-defined]
-    return convert
+    return _patched(convert)
 
 
 #: the LM sampler of each zoo algorithm that :func:`install` dispatches to
 LM_SAMPLERS: dict[str, Sampler] = {"ppo": sample_ppo_lm_params, "a2c": sample_a2c_lm_params, "trpo": sample_a2c_lm_params}
 
 
-def install() -> None:
-    """Patch the zoo (idempotent): resolve rollout-buffer strings, and use the LM samplers for ``LMPolicy``."""
-    for algo, lm_sampler in LM_SAMPLERS.items():
-        stock = hyperparams_opt.HYPERPARAMS_SAMPLER[algo]
-        if not getattr(stock, "_sb3_textrl_dispatch", False):
-            hyperparams_opt.HYPERPARAMS_SAMPLER[algo] = _dispatch_sampler(stock, lm_sampler)
-        stock_converter = hyperparams_opt.HYPERPARAMS_CONVERTER[algo]
-        if not getattr(stock_converter, "_sb3_textrl_dispatch", False):
-            hyperparams_opt.HYPERPARAMS_CONVERTER[algo] = _dispatch_converter(stock_converter)
+def _patched(function: Callable) -> Callable:
+    function._sb3_textrl_dispatch = True  # type: ignore[attr-defined]
+    return function
 
+
+def _install_preprocess() -> None:
+    """Patch ``ExperimentManager._preprocess_hyperparams``: the LM flag, rollout-buffer strings, the eval env's kwargs
+    and, for a YAML with group wrappers, the wrappers of the eval env."""
     original = ExperimentManager._preprocess_hyperparams
     if getattr(original, "_sb3_textrl_dispatch", False):
         return
@@ -155,15 +217,88 @@ def install() -> None:
     def _preprocess_hyperparams(self: ExperimentManager, hyperparams: dict[str, Any]):
         global uses_lm_policy
         uses_lm_policy = is_lm_policy(hyperparams.get("policy"))
+        ungrouped = strip_group_wrappers(hyperparams) if _uses_groups(hyperparams) else None
         result = original(self, resolve_rollout_buffer(hyperparams))
         if self._eval_env_kwargs_args is None:
             # rl_zoo3 2.9.2 builds the eval env (EvalCallback, and every --optimize trial's evaluation) with the
             # --env-kwargs of the command line only, never the YAML's `env_kwargs`: use the training env's kwargs
             self.eval_env_kwargs = self.env_kwargs
+        # the eval env plays independent episodes: EvalCallback steps every env until its episodes end
+        self._sb3_textrl_eval_wrappers = None
+        if ungrouped is not None:
+            self._sb3_textrl_eval_wrappers = (get_wrapper_class(ungrouped), get_wrapper_class(ungrouped, "vec_env_wrapper"))
         return result
 
-    _preprocess_hyperparams._sb3_textrl_dispatch = True  # type: ignore[attr-defined]
-    ExperimentManager._preprocess_hyperparams = _preprocess_hyperparams  # type: ignore[method-assign]
+    ExperimentManager._preprocess_hyperparams = _patched(_preprocess_hyperparams)  # type: ignore[method-assign]
 
 
-install()
+def _install_groups() -> None:
+    """Add :data:`ZOO_ALGOS` to ``ALGOS``; build the eval env and ``enjoy``'s env without the group wrappers."""
+    for name, algorithm in ZOO_ALGOS.items():
+        ALGOS.setdefault(name, algorithm)
+    create_envs = ExperimentManager.create_envs
+    if not getattr(create_envs, "_sb3_textrl_dispatch", False):
+
+        def _create_envs(self: ExperimentManager, n_envs: int, eval_env: bool = False, no_log: bool = False):
+            ungrouped = getattr(self, "_sb3_textrl_eval_wrappers", None)
+            if not eval_env or ungrouped is None:
+                return create_envs(self, n_envs, eval_env=eval_env, no_log=no_log)
+            grouped = self.env_wrapper, self.vec_env_wrapper
+            self.env_wrapper, self.vec_env_wrapper = ungrouped
+            try:
+                return create_envs(self, n_envs, eval_env=eval_env, no_log=no_log)
+            finally:
+                self.env_wrapper, self.vec_env_wrapper = grouped
+
+        ExperimentManager.create_envs = _patched(_create_envs)  # type: ignore[method-assign]
+    create_test_env = rl_zoo3.enjoy.create_test_env
+    if not getattr(create_test_env, "_sb3_textrl_dispatch", False):
+
+        def _create_test_env(*args: Any, hyperparams: dict[str, Any] | None = None, **kwargs: Any):
+            hyperparams = strip_group_wrappers(hyperparams) if hyperparams is not None else None
+            return create_test_env(*args, hyperparams=hyperparams, **kwargs)
+
+        rl_zoo3.enjoy.create_test_env = _patched(_create_test_env)
+
+
+def install() -> None:
+    """Patch the zoo (idempotent): resolve rollout-buffer strings, use the LM samplers for ``LMPolicy``, add GRPO, RLOO
+    and REINFORCE to ``ALGOS``, and build the evaluation env (and ``enjoy``'s) without group wrappers."""
+    for algo, lm_sampler in LM_SAMPLERS.items():
+        stock = hyperparams_opt.HYPERPARAMS_SAMPLER[algo]
+        if not getattr(stock, "_sb3_textrl_dispatch", False):
+            hyperparams_opt.HYPERPARAMS_SAMPLER[algo] = _dispatch_sampler(stock, lm_sampler)
+        stock_converter = hyperparams_opt.HYPERPARAMS_CONVERTER[algo]
+        if not getattr(stock_converter, "_sb3_textrl_dispatch", False):
+            hyperparams_opt.HYPERPARAMS_CONVERTER[algo] = _dispatch_converter(stock_converter)
+    _install_preprocess()
+    _install_groups()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """
+    ``python -m sb3_textrl.zoo {train,enjoy} [ARGS]``: the zoo's ``python -m rl_zoo3.train`` or ``rl_zoo3.enjoy``
+    with the same arguments, after :func:`install`, so that ``--algo`` takes ``grpo``, ``rloo`` and ``reinforce`` too.
+
+    :param argv: the script name and its arguments (default: ``sys.argv[1:]``)
+    """
+    install()
+    import rl_zoo3.train  # imported here: `python -m sb3_textrl.zoo` alone needs neither
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    scripts = {"train": rl_zoo3.train.train, "enjoy": rl_zoo3.enjoy.enjoy}
+    if not argv or argv[0] not in scripts:
+        sys.exit(
+            "usage: python -m sb3_textrl.zoo {train,enjoy} [ARGS]: rl_zoo3's train or enjoy with the sb3_textrl hooks "
+            "(--algo also takes grpo, rloo and reinforce)"
+        )
+    sys.argv = [f"rl_zoo3.{argv[0]}", *argv[1:]]
+    scripts[argv[0]]()
+
+
+if __name__ == "__main__":  # `python -m sb3_textrl.zoo`: run the module's import copy, whose install() patched the zoo
+    from sb3_textrl.zoo import main as _main
+
+    _main()
+else:
+    install()

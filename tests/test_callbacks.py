@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from sb3_textrl.common.buffers import EpisodeRolloutBuffer
 from sb3_textrl.common.callbacks import KLPenaltyCallback, LMEvalCallback, RolloutHistoryCallback
+from sb3_textrl.common.evaluation import evaluate_prompts
 from sb3_textrl.common.kl import AdaptiveKLController
 from sb3_textrl.common.plotting import samples_markdown
 
@@ -240,33 +241,81 @@ def test_rollout_history_without_finished_episode(tiny_llama_path):
 # --- LMEvalCallback ---------------------------------------------------------------------------------------------------
 
 
-def test_callback_logs_every_n_rollouts(tiny_llama_path, tmp_path):
-    env = gym.make(
-        ENV_ID,
-        model_name_or_path=tiny_llama_path,
-        prompts=SHORT_PROMPTS,
-        reward_fn=lambda p, c: [float(len(x)) for x in c],
-        max_new_tokens=4,
-    )
-    model = PPO("LMPolicy", env, n_steps=8, batch_size=8, learning_rate=1e-3, seed=0)
+def n_chars(prompts, completions):
+    return [float(len(x)) for x in completions]
+
+
+def eval_model(path: str) -> PPO:
+    """PPO on one env of :data:`SHORT_PROMPTS`, 8 steps (two 4-token completions) per rollout."""
+    env = gym.make(ENV_ID, model_name_or_path=path, prompts=SHORT_PROMPTS, reward_fn=n_chars, max_new_tokens=4)
+    return PPO("LMPolicy", env, n_steps=8, batch_size=8, learning_rate=1e-3, seed=0)
+
+
+def test_callback_logs_at_start_and_every_n_rollouts(tiny_llama_path, tmp_path):
+    model = eval_model(tiny_llama_path)
     model.set_logger(configure(str(tmp_path / "log"), ["csv"]))
-    callback = LMEvalCallback(["rain", "a cafe"], eval_freq=2, max_new_tokens=4, log_path=str(tmp_path / "eval"),
-                              reward_fn=lambda p, c: [float(len(x)) for x in c])  # fmt: skip
-    model.learn(8 * 5, callback=callback)
-    assert [r["timesteps"] for r in callback.results] == [16.0, 32.0]
+    callback = LMEvalCallback(["rain", "a cafe"], eval_freq=2, max_new_tokens=4, n_samples=2,
+                              log_path=str(tmp_path / "eval"), reward_fn=n_chars)  # fmt: skip
+    model.learn(8 * 4, callback=callback)
+    # the before point (step 0), then every 2 rollouts of 8 steps
+    assert [r["timesteps"] for r in callback.results] == [0.0, 16.0, 32.0]
+    assert callback.protocol == dict(n_prompts=2, n_samples=2, seed=0, max_new_tokens=4, batch_size=16, greedy=True,
+                                     temperature=1.0)  # fmt: skip
     assert len(callback.last_samples) == 2 and {"prompt", "greedy", "sampled"} <= set(callback.last_samples[0])
     assert (tmp_path / "eval" / "eval_curves.png").stat().st_size > 1000
     assert "| rain |" in (tmp_path / "eval" / "samples.md").read_text()
     with open(tmp_path / "log" / "progress.csv") as f:
         rows = list(csv.DictReader(f))
-    logged = [float(r["eval/reward_greedy"]) for r in rows if r.get("eval/reward_greedy")]
-    assert logged == pytest.approx([r["reward_greedy"] for r in callback.results])
-    for key in ("eval/ref_kl", "eval/ref_perplexity", "eval/distinct_1", "eval/distinct_2", "eval/reward_sampled"):
-        assert key in rows[0]
+    logged = [(float(r["time/total_timesteps"]), float(r["eval/reward_greedy"])) for r in rows if r["eval/reward_greedy"]]
+    np.testing.assert_allclose(logged, [(r["timesteps"], r["reward_greedy"]) for r in callback.results])
+    for key in ("eval/ref_kl", "eval/ref_perplexity", "eval/distinct_1", "eval/distinct_2", "eval/reward_sampled",
+                "eval/reward_sampled_std", "eval/reward_sampled_sem", "eval/reward_sampled_ci95"):  # fmt: skip
+        assert rows[0][key]
+    assert all(r["reward_sampled_ci95"] > 0 for r in callback.results)
     state = callback.state_dict()
     other = LMEvalCallback(["rain"], eval_freq=2)
     other.load_state_dict(state)
-    assert other.results == callback.results and other.n_rollouts == 5
+    assert other.results == callback.results and other.n_rollouts == 4
+    # a second learn() starts at a step already evaluated: no second point there
+    model.learn(8 * 2, callback=callback, reset_num_timesteps=False)
+    assert [r["timesteps"] for r in callback.results] == [0.0, 16.0, 32.0, 48.0]
+
+
+def test_callback_defaults():
+    callback = LMEvalCallback(["rain"])
+    assert callback.evaluate_kwargs["n_samples"] == 8 and callback.evaluate_kwargs["seed"] == 0
+    assert callback.eval_freq == 10
+
+
+def test_callback_leaves_training_alone(tiny_llama_path):
+    """Evaluating at every rollout (and at the start) changes neither the rollouts nor the weights."""
+    states, histories = [], []
+    for callbacks in ([], [LMEvalCallback(["rain", "a cafe"], eval_freq=1, max_new_tokens=3, n_samples=2)]):
+        model = eval_model(tiny_llama_path)
+        history = RolloutHistoryCallback()
+        model.learn(8 * 3, callback=[history, *callbacks])
+        states.append(model.policy.state_dict())
+        histories.append(history.history)
+    assert len(callbacks[0].results) == 4
+    np.testing.assert_equal(histories[0], histories[1])  # NaN KLs compare equal
+    for key in states[0]:
+        assert th.equal(states[0][key], states[1][key]), key
+
+
+def test_callback_takes_the_before_evaluation(tiny_llama_path):
+    model = eval_model(tiny_llama_path)
+    prompts = ["rain", "a cafe"]
+    before = evaluate_prompts(model.policy, prompts, reward_fn=n_chars, max_new_tokens=3, n_samples=2)
+    callback = LMEvalCallback(prompts, eval_freq=1, reward_fn=n_chars, max_new_tokens=3, n_samples=2, before=before)
+    evaluated = []
+    callback.evaluate = lambda: evaluated.append(callback.num_timesteps)  # counts evaluations, records none
+    model.learn(8, callback=callback)
+    assert evaluated == [8]  # none at step 0: ``before`` is that point
+    assert callback.results[0]["timesteps"] == 0.0
+    assert callback.results[0]["reward_sampled"] == before.reward_sampled
+    assert callback.results[0]["reward_sampled_sem"] == before.reward_sampled_sem
+    with pytest.raises(ValueError, match="protocol"):
+        LMEvalCallback(prompts, max_new_tokens=3, n_samples=4, before=before)
 
 
 def test_samples_markdown_escapes_pipes():
@@ -274,7 +323,11 @@ def test_samples_markdown_escapes_pipes():
     assert "a\\|b" in table and "x y" in table and "+0.50" in table and "-1.00" in table
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(prompts=[]), "prompts"), (dict(prompts=["a"], eval_freq=0), "eval_freq")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(prompts=[]), "prompts"), (dict(prompts=["a"], eval_freq=0), "eval_freq"),
+     (dict(prompts=["a"], n_samples=0), "n_samples"), (dict(prompts=["a"], seed=-1), "seed")],
+)  # fmt: skip
 def test_eval_callback_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LMEvalCallback(**kwargs)

@@ -1,6 +1,7 @@
 """The main job's settings have one source, :class:`sb3_textrl.config.TrainConfig`: the CLI's flags and defaults come
 from its fields, the resume check from their metadata, and ``examples/hyperparams/ppo.yml`` must set the same values as
-the main job passes to PPO, the environments and the KL callback."""
+the main job passes to PPO, the environments and the KL callback (``grpo.yml``, ``rloo.yml`` and ``reinforce.yml`` as
+``--algo`` passes to theirs)."""
 
 import argparse
 import dataclasses
@@ -12,13 +13,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sb3_textrl import cli, config
+from sb3_textrl import cli, config, main_job
 from sb3_textrl.common.callbacks import KLPenaltyCallback
-from sb3_textrl.config import RESUME_FIXED_ARGS, TrainConfig, add_arguments, check_resume_args, make_kl_callback
+from sb3_textrl.config import (
+    GROUP_ALGOS,
+    RESUME_FIXED_ARGS,
+    TrainConfig,
+    add_arguments,
+    check_resume_args,
+)
 from sb3_textrl.envs.prompts import read_prompts
+from sb3_textrl.main_job import make_kl_callback
 from sb3_textrl.policies import CausalLMActorCriticPolicy
 
-PPO_YML = Path(__file__).resolve().parents[1] / "examples" / "hyperparams" / "ppo.yml"
+HYPERPARAMS = Path(__file__).resolve().parents[1] / "examples" / "hyperparams"
+PPO_YML = HYPERPARAMS / "ppo.yml"
 TEXT_ENV = "sb3_textrl/TextGeneration-v0"
 # keys of the YAML's main-job section that are PPO keywords (compared with what make_model passes to PPO)
 YAML_PPO_KEYS = {
@@ -27,35 +36,43 @@ YAML_PPO_KEYS = {
 }  # fmt: skip
 # keys that are not settings of TrainConfig: how the zoo builds what make_text_vec_env builds
 YAML_STRUCTURAL_KEYS = {"vec_env_wrapper"}
-# the flags of `sb3-textrl train` before TrainConfig generated them, in order
+# the flags of `sb3-textrl train`, in order: those from before TrainConfig generated them, plus --algo, --group-size
+# and GRPO's --clip-range-high, --scale-rewards, --loss-type and --beta
 FLAGS = [
-    "--model", "--prompts", "--eval-prompts", "--reward", "--reward-kwargs", "--total-timesteps", "--max-new-tokens",
-    "--n-envs", "--n-steps", "--batch-size", "--n-epochs", "--learning-rate", "--kl-coef", "--kl-target", "--kl-horizon",
-    "--kl-estimator", "--gamma", "--gae-lambda", "--clip-range", "--vf-coef", "--ent-coef", "--max-grad-norm",
-    "--eval-samples", "--eval-every", "--seed", "--device", "--output-dir", "--checkpoint-every", "--keep-checkpoints",
+    "--model", "--prompts", "--eval-prompts", "--reward", "--reward-kwargs", "--algo", "--total-timesteps",
+    "--max-new-tokens", "--n-envs", "--group-size", "--n-steps", "--batch-size", "--n-epochs", "--learning-rate",
+    "--kl-coef", "--kl-target", "--kl-horizon", "--kl-estimator", "--gamma", "--gae-lambda", "--clip-range",
+    "--clip-range-high", "--scale-rewards", "--loss-type", "--beta", "--vf-coef", "--ent-coef", "--max-grad-norm",
+    "--eval-samples", "--eval-seed", "--eval-every", "--seed", "--device", "--output-dir", "--checkpoint-every",
+    "--keep-checkpoints",
     "--resume", "--fsdp", "--activation-checkpointing", "--no-progress-bar", "--verbose",
 ]  # fmt: skip
+GROUP_MEMBER = "sb3_textrl.common.group_vec_env.GroupMemberWrapper"
+GROUPED_VEC_ENV = "sb3_textrl.common.group_vec_env.GroupedVecEnv"
 
 
-def main_job_yaml() -> dict:
-    with open(PPO_YML, encoding="utf-8") as f:
+def main_job_yaml(name: str = "ppo") -> dict:
+    with open(HYPERPARAMS / f"{name}.yml", encoding="utf-8") as f:
         return yaml.safe_load(f)[TEXT_ENV]
 
 
-def main_job_ppo_kwargs(monkeypatch) -> dict:
-    """The keywords ``make_model(TrainConfig(), env)`` passes to ``PPO`` (with the policy as ``policy``)."""
+def main_job_ppo_kwargs(monkeypatch, job: TrainConfig | None = None) -> dict:
+    """The keywords ``make_model(job, env)`` passes to its algorithm (default: ``PPO`` for ``TrainConfig()``), with the
+    policy as ``policy``."""
+    job = job or TrainConfig()
     calls = []
-    monkeypatch.setattr(config, "PPO", lambda policy, env, **kwargs: calls.append(dict(policy=policy, **kwargs)))
-    config.make_model(TrainConfig(), env=None)
+    # the algorithm classes are main_job's names PPO, A2C, REINFORCE, GRPO, RLOO
+    monkeypatch.setattr(main_job, job.algo.upper(), lambda policy, env, **kwargs: calls.append(dict(policy=policy, **kwargs)))
+    main_job.make_model(job, env=None)
     return calls[0]
 
 
-def main_job_env_kwargs(monkeypatch) -> dict:
-    """The keywords ``make_env(TrainConfig(), prompts, seed)`` passes to ``make_text_vec_env``."""
+def main_job_env_kwargs(monkeypatch, job: TrainConfig | None = None) -> dict:
+    """The keywords ``make_env(job, prompts, seed)`` passes to ``make_text_vec_env`` (default: ``TrainConfig()``)."""
+    job = job or TrainConfig()
     calls = []
-    monkeypatch.setattr(config, "make_text_vec_env", lambda **kwargs: calls.append(kwargs))
-    defaults = TrainConfig()
-    config.make_env(defaults, read_prompts(defaults.prompts, "--prompts"), seed=defaults.seed)
+    monkeypatch.setattr(main_job, "make_text_vec_env", lambda **kwargs: calls.append(kwargs))
+    main_job.make_env(job, read_prompts(job.prompts, "--prompts"), seed=job.seed)
     return calls[0]
 
 
@@ -100,6 +117,33 @@ def test_ppo_yml_is_the_main_job(monkeypatch):
     assert kl_callback_state(yaml_callback) == kl_callback_state(make_kl_callback(defaults))
 
 
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "reinforce"])
+def test_algo_yml_is_the_cli_job(monkeypatch, algo):
+    """``<algo>.yml`` sets what ``sb3-textrl train --algo <algo>`` passes (``--group-size`` as the YAML's groups), and
+    ppo.yml's LM, reward, prompts, budget, KL callback and batched scoring."""
+    section, main_job = main_job_yaml(algo), main_job_yaml()
+    group_size = None
+    if algo in GROUP_ALGOS:
+        assert section.pop("env_wrapper") == GROUP_MEMBER
+        batched, grouped = section.pop("vec_env_wrapper")
+        assert batched == main_job["vec_env_wrapper"] and list(grouped) == [GROUPED_VEC_ENV]  # GroupedVecEnv outermost
+        group_size = grouped[GROUPED_VEC_ENV]["group_size"]
+    else:
+        assert section.pop("vec_env_wrapper") == main_job["vec_env_wrapper"]
+    job = TrainConfig(algo=algo, group_size=group_size)
+    for key in ("n_envs", "n_timesteps", "env_kwargs", "callback"):
+        assert section.pop(key) == main_job[key], key
+    assert main_job_env_kwargs(monkeypatch, job)["group_size"] == group_size
+
+    kwargs = main_job_ppo_kwargs(monkeypatch, job)
+    assert kwargs.pop("policy_kwargs") == main_job_ppo_kwargs(monkeypatch)["policy_kwargs"]
+    if "rollout_buffer_class" in section:
+        module, name = section["rollout_buffer_class"].rsplit(".", 1)
+        section["rollout_buffer_class"] = getattr(importlib.import_module(module), name)
+    assert set(section) <= set(kwargs), f"{algo}.yml sets keywords the CLI job does not pass: {set(section) - set(kwargs)}"
+    assert {key: section.get(key) for key in kwargs} == kwargs  # None: the algorithm's default, left out of the YAML
+
+
 def test_parser_defaults_are_the_dataclass_defaults():
     args = cli.build_parser().parse_args(["train"])
     assert args.command == "train"
@@ -118,8 +162,24 @@ def test_flags():
     assert args.reward_kwargs == {"references": "x.jsonl"} and args.kl_estimator == "k3"
     assert args.n_steps == 12 and args.kl_target == 0.5 and args.resume and args.no_progress_bar and not args.fsdp
     assert TrainConfig.from_namespace(args).activation_checkpointing == 2
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--kl-estimator", "k2"])
+    argv = [
+        "--algo",
+        "grpo",
+        "--group-size",
+        "4",
+        "--scale-rewards",
+        "none",
+        "--loss-type",
+        "dapo",
+        "--clip-range-high",
+        "0.28",
+    ]
+    args = parser.parse_args([*argv, "--beta", "0.04"])
+    assert (args.algo, args.group_size, args.scale_rewards, args.loss_type) == ("grpo", 4, "none", "dapo")
+    assert args.clip_range_high == 0.28 and args.beta == 0.04 and TrainConfig.from_namespace(args).group_size == 4
+    for bad in (["--kl-estimator", "k2"], ["--algo", "dqn"], ["--scale-rewards", "std"], ["--loss-type", "bnpo"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
     assert "-h, --help" in parser.format_help() and "--activation-checkpointing N" in parser.format_help()
     assert "(default: smollm2-135m-instruct)" in parser.format_help()
 
@@ -128,9 +188,10 @@ def test_resume_fixed_args_come_from_the_metadata():
     fixed = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("fixed_on_resume"))
     assert RESUME_FIXED_ARGS == fixed == config.resume_fixed_fields()
     assert RESUME_FIXED_ARGS == (
-        "reward", "reward_kwargs", "max_new_tokens", "n_envs", "n_steps", "batch_size", "n_epochs", "kl_coef", "kl_target",
-        "kl_horizon", "kl_estimator", "gamma", "gae_lambda", "clip_range", "vf_coef", "ent_coef", "max_grad_norm",
-        "eval_samples", "seed", "activation_checkpointing",
+        "reward", "reward_kwargs", "algo", "max_new_tokens", "n_envs", "group_size", "n_steps", "batch_size", "n_epochs",
+        "kl_coef", "kl_target", "kl_horizon", "kl_estimator", "gamma", "gae_lambda", "clip_range", "clip_range_high",
+        "scale_rewards", "loss_type", "beta", "vf_coef", "ent_coef", "max_grad_norm", "eval_samples", "eval_seed", "seed",
+        "activation_checkpointing",
     )  # fmt: skip
 
     current, prompts = TrainConfig(), ["Write one sentence about rain."]
@@ -155,8 +216,41 @@ def test_resume_fixed_args_come_from_the_metadata():
         (dict(eval_every=-1), "`--eval-every` .* must be >= 0"),
         (dict(batch_size=512), r"`--batch-size` \(512\) is larger than a rollout, `--n-steps \* --n-envs`"),
         (dict(fsdp=True), "torchrun"),
+        (dict(beta=-0.1), "`--beta` .* must be >= 0"),
+        (dict(algo="grpo"), "`--algo grpo` compares the completions of each prompt: give `--group-size`"),
+        (dict(algo="rloo", group_size=1), "`--group-size` must be at least 2 for --algo rloo.* got 1"),
+        (dict(algo="grpo", group_size=3), r"`--n-envs` \(16\) must be a multiple of `--group-size` \(3\).* --n-envs 15"),
+        (dict(algo="grpo", group_size=4, n_steps=8), r"`--n-steps` \(8\) must be at least `--max-new-tokens` \(24\)"),
+        (dict(algo="ppo", group_size=4), "`--group-size` .* is for --algo grpo or rloo.* drop --group-size"),
+        (dict(algo="a2c", group_size=2), "`--group-size`"),
     ],
 )
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "algo, group_size, expected",
+    [
+        ("ppo", 0, {"batch_size", "n_epochs", "gamma", "gae_lambda", "clip_range", "vf_coef", "rollout_buffer_class"}),
+        ("a2c", None, {"gamma", "gae_lambda", "vf_coef", "use_rms_prop", "rollout_buffer_class"}),
+        ("reinforce", None, {"batch_size", "gamma", "vf_coef", "rollout_buffer_class"}),
+        ("grpo", 4, {"batch_size", "n_epochs", "clip_range", "clip_range_high", "scale_rewards", "loss_type", "beta"}),
+        ("rloo", 2, {"batch_size", "beta"}),
+    ],
+)
+def test_algorithm_kwargs(algo, group_size, expected):
+    """Each algorithm gets only the settings it takes; n_steps is --max-new-tokens (one round for GRPO and RLOO)."""
+    job = TrainConfig(algo=algo, group_size=group_size, n_envs=8, batch_size=64, clip_range_high=0.28, beta=0.04)
+    kwargs = main_job.algorithm_kwargs(job)
+    assert set(kwargs) == {"learning_rate", "n_steps", "ent_coef", "max_grad_norm"} | expected
+    assert kwargs["n_steps"] == job.max_new_tokens == 24 and kwargs.get("batch_size", 64) == 64
+    if algo == "grpo":
+        assert (kwargs["clip_range_high"], kwargs["beta"], kwargs["scale_rewards"], kwargs["loss_type"]) == (
+            0.28,
+            0.04,
+            "group",
+            "grpo",
+        )
+    assert TrainConfig(algo=algo, group_size=group_size, n_steps=32).rollout_steps == 32  # a longer round is allowed

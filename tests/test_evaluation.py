@@ -1,7 +1,10 @@
-"""Held-out evaluation (sb3_textrl.common.evaluation): padding, generation, sequence log-probs, distinct-n, and
-evaluate_prompts against the environment's own rollouts."""
+"""Held-out evaluation (sb3_textrl.common.evaluation): padding, generation, sequence log-probs, distinct-n,
+evaluate_prompts against the environment's own rollouts, and its protocol: n samples per prompt, common random numbers
+that leave the global random streams alone, and the spread of the sampled reward by hand."""
 
+import json
 import math
+import random
 
 import gymnasium as gym
 import numpy as np
@@ -12,7 +15,17 @@ from stable_baselines3 import PPO
 from transformers import AutoModelForCausalLM
 
 import sb3_textrl
-from sb3_textrl.common.evaluation import distinct_n, evaluate_prompts, generate_tokens, left_pad, sequence_log_prob
+from sb3_textrl.common.evaluation import (
+    EvaluationResult,
+    distinct_n,
+    evaluate_prompts,
+    generate_tokens,
+    left_pad,
+    mean_sem_ci95,
+    paired_difference,
+    sequence_log_prob,
+    t_quantile_975,
+)
 from sb3_textrl.lm.tokens import encode_prompt
 
 
@@ -119,3 +132,128 @@ def test_untrained_policy_has_no_kl_and_reference_perplexity(tiny_llama_path):
     # a random 300-token LM: its own samples have a perplexity of the order of the vocabulary size
     assert 30 < result.ref_perplexity < 3000
     assert 0 < result.distinct_1 <= 1
+
+
+# --- the protocol: samples, common random numbers, spread -------------------------------------------------------------
+
+
+def tiny_policy(path):
+    return PPO("LMPolicy", make_env(path), n_steps=8, batch_size=8, seed=0).policy
+
+
+def rng_states():
+    """The global random streams: torch's CPU generator, numpy's and random's."""
+    return th.get_rng_state().clone(), np.random.get_state(), random.getstate()
+
+
+def assert_same_rng_states(a, b):
+    assert th.equal(a[0], b[0])
+    np.testing.assert_equal(a[1], b[1])
+    assert a[2] == b[2]
+
+
+def test_common_random_numbers(tiny_llama_path):
+    policy = tiny_policy(tiny_llama_path)
+    kwargs = dict(reward_fn=n_chars, max_new_tokens=6, n_samples=3, batch_size=2)
+    first = evaluate_prompts(policy, PROMPTS, seed=0, **kwargs)
+    th.rand(5), np.random.rand(), random.random()  # the global streams move on: the draws do not depend on them
+    second = evaluate_prompts(policy, PROMPTS, seed=0, **kwargs)
+    assert len(first.sampled_scores) == len(PROMPTS) and all(len(row) == 3 for row in first.sampled_scores)
+    assert first.sampled_scores == second.sampled_scores
+    assert first.samples == second.samples and first.kl == second.kl
+    other = evaluate_prompts(policy, PROMPTS, seed=1, **kwargs)
+    assert other.sampled_scores != first.sampled_scores
+    assert [s["sampled"] for s in other.samples] != [s["sampled"] for s in first.samples]
+    assert other.reward_greedy == first.reward_greedy  # greedy draws nothing
+    # seed=None: fresh draws from the global generator, which they advance
+    seeded = th.manual_seed(0).get_state()
+    fresh = evaluate_prompts(policy, PROMPTS, seed=None, **kwargs)
+    assert fresh.seed is None and fresh.protocol["seed"] is None
+    assert not th.equal(th.get_rng_state(), seeded)
+    assert evaluate_prompts(policy, PROMPTS, seed=None, **kwargs).sampled_scores != fresh.sampled_scores
+
+
+def test_evaluation_leaves_global_rng(tiny_gpt2_path):
+    """With a seed, the torch, numpy and random streams come out as they went in, even with a reward that draws from
+    numpy and random (its draws are common random numbers too)."""
+
+    def noisy(prompts, completions):
+        return [len(c) + np.random.rand() + random.random() for c in completions]
+
+    policy = tiny_policy(tiny_gpt2_path)
+    policy.set_training_mode(True)  # dropout draws too
+    th.manual_seed(7), np.random.seed(7), random.seed(7)
+    before = rng_states()
+    first = evaluate_prompts(policy, PROMPTS[:2], reward_fn=noisy, max_new_tokens=3, n_samples=2, seed=5)
+    assert_same_rng_states(rng_states(), before)
+    second = evaluate_prompts(policy, PROMPTS[:2], reward_fn=noisy, max_new_tokens=3, n_samples=2, seed=5)
+    assert_same_rng_states(rng_states(), before)
+    assert first.sampled_scores == second.sampled_scores and first.reward_greedy == second.reward_greedy
+
+
+def test_default_protocol(tiny_llama_path):
+    policy = tiny_policy(tiny_llama_path)
+    result = evaluate_prompts(policy, ["rain"], reward_fn=n_chars, max_new_tokens=2)
+    assert result.n_samples == 8 and result.seed == 0 and len(result.sampled_scores[0]) == 8
+    assert result.protocol == dict(n_prompts=1, n_samples=8, seed=0, max_new_tokens=2, batch_size=16, greedy=True,
+                                   temperature=1.0)  # fmt: skip
+    assert math.isnan(result.reward_sampled_sem) and math.isnan(result.reward_sampled_ci95)  # one prompt
+    # results.json and the CLI's checkpoints: JSON in, the same result out; an older result (no spread) still loads
+    np.testing.assert_equal(EvaluationResult(**json.loads(json.dumps(result.__dict__))).__dict__, result.__dict__)
+    old = EvaluationResult(reward_greedy=0.1, reward_sampled=0.2, kl=0.0, samples=[])
+    assert old.protocol == {} and old.n_samples is None and math.isnan(old.reward_sampled_sem)
+
+
+def test_spread_by_hand(tiny_llama_path):
+    """Scores set by hand: 3 prompts x 2 samples, one generate call per completion set (greedy, sample 0, sample 1)."""
+    calls = iter([[0.0, 0.0, 0.0], [1.0, 2.0, 6.0], [3.0, 2.0, 4.0]])
+
+    def scripted(prompts, completions):
+        return next(calls)
+
+    result = evaluate_prompts(tiny_policy(tiny_llama_path), PROMPTS, reward_fn=scripted, max_new_tokens=2, n_samples=2)
+    assert result.sampled_scores == [[1.0, 3.0], [2.0, 2.0], [6.0, 4.0]]
+    assert result.reward_sampled_per_prompt == [2.0, 2.0, 5.0]
+    assert result.reward_sampled == 3.0 and result.reward_greedy == 0.0
+    # all six scores: squared deviations from 3 sum to 16, over 5
+    assert result.reward_sampled_std == pytest.approx(math.sqrt(16 / 5))
+    # over prompts: means 2, 2, 5, squared deviations from 3 sum to 6, variance 6 / 2 = 3, sem sqrt(3 / 3) = 1
+    assert result.reward_sampled_sem == pytest.approx(1.0)
+    assert result.reward_sampled_ci95 == pytest.approx(4.302653)  # t(0.975, 2 dof) * 1
+    assert [s["sampled_score"] for s in result.samples] == [1.0, 2.0, 6.0]  # the first sample of each prompt
+
+
+def test_mean_sem_ci95_and_t_quantiles():
+    assert t_quantile_975(1) == pytest.approx(12.7062, abs=1e-4)
+    assert t_quantile_975(9) == pytest.approx(2.2622, abs=1e-4)
+    assert t_quantile_975(10) == pytest.approx(2.228139, abs=1e-5)  # scipy.stats.t.ppf(0.975, 10)
+    assert t_quantile_975(30) == pytest.approx(2.042272, abs=1e-5)
+    assert t_quantile_975(10**6) == pytest.approx(1.959966, abs=1e-5)
+    mean, sem, ci95 = mean_sem_ci95([1.0, 2.0, 3.0, 6.0])  # deviations -2, -1, 0, 3: variance 14 / 3
+    assert mean == 3.0
+    assert sem == pytest.approx(math.sqrt(14 / 3) / 2)
+    assert ci95 == pytest.approx(3.182446 * math.sqrt(14 / 3) / 2)
+    mean, sem, ci95 = mean_sem_ci95([4.0])
+    assert mean == 4.0 and math.isnan(sem) and math.isnan(ci95)
+
+
+def test_paired_difference_by_hand():
+    protocol = dict(n_prompts=3, n_samples=2, seed=0, max_new_tokens=4, batch_size=16, greedy=True, temperature=1.0)
+    before = EvaluationResult(0.0, 2.0, 0.0, reward_sampled_per_prompt=[1.0, 2.0, 3.0], protocol=protocol)
+    after = EvaluationResult(0.0, 3.0, 0.0, reward_sampled_per_prompt=[2.0, 2.5, 4.5], protocol=protocol)
+    mean, ci95 = paired_difference(before, after)  # differences 1, 0.5, 1.5: mean 1, variance 0.25
+    assert mean == pytest.approx(1.0)
+    assert ci95 == pytest.approx(4.302653 * 0.5 / math.sqrt(3))
+    with pytest.raises(ValueError, match="protocol"):
+        paired_difference(before, EvaluationResult(0.0, 3.0, 0.0, reward_sampled_per_prompt=[2.0, 2.5, 4.5]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(n_samples=0), "n_samples"), (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(batch_size=0), "batch_size"),
+     (dict(prompts=[]), "prompts")],
+)  # fmt: skip
+def test_evaluate_prompts_bad_arguments(tiny_gpt2_path, kwargs, match):
+    policy = tiny_policy(tiny_gpt2_path)
+    with pytest.raises(ValueError, match=match):
+        evaluate_prompts(policy, **{"prompts": ["rain"], "reward_fn": n_chars, **kwargs})

@@ -1,5 +1,5 @@
 """RL Baselines3 Zoo: ``rl_zoo3.train``, ``rl_zoo3.enjoy`` and a 2-worker Optuna search on one SQLite study, run as the
-zoo's own command lines on a tiny random LM (docs/rl_zoo.md)."""
+zoo's own command lines on a tiny random LM, and GRPO through ``python -m sb3_textrl.zoo`` (docs/rl_zoo.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ optuna = pytest.importorskip("optuna")
 
 from stable_baselines3 import PPO  # noqa: E402
 
-from sb3_textrl import zoo  # noqa: E402
+from sb3_textrl import GRPO, REINFORCE, RLOO, zoo  # noqa: E402
 from sb3_textrl.common.buffers import EpisodeRolloutBuffer  # noqa: E402
 from sb3_textrl.policies import CausalLMActorCriticPolicy  # noqa: E402
 
@@ -36,6 +36,11 @@ def zoo_command(script: str, algo: str, env_id: str, *args: str) -> list[str]:
         sys.executable, "-m", f"rl_zoo3.{script}", "--algo", algo, "--env", env_id, "--gym-packages", "sb3_textrl.zoo",
         "--device", "cpu", "--num-threads", "1", *args,
     ]  # fmt: skip
+
+
+def sb3_textrl_zoo_command(script: str, algo: str, env_id: str, *args: str) -> list[str]:
+    """``python -m sb3_textrl.zoo <script>``: the zoo's script with the hooks installed first (``--algo grpo``...)."""
+    return [sys.executable, "-m", "sb3_textrl.zoo", script, *zoo_command(script, algo, env_id, *args)[3:]]
 
 
 def run_zoo(command: list[str], cwd: Path, timeout: int = 300) -> str:
@@ -162,3 +167,53 @@ def test_smollm2_main_job_yaml(tmp_path: Path):
     command = zoo_command("train", "ppo", TEXT_ENV, "--conf-file", conf, "-f", "logs", "-n", "384", "--eval-freq", "-1")
     run_zoo(command, tmp_path, timeout=900)
     assert (tmp_path / "logs" / "ppo" / "sb3_textrl-TextGeneration-v0_1" / "sb3_textrl-TextGeneration-v0.zip").is_file()
+
+
+def test_group_hooks():
+    """GRPO, RLOO and REINFORCE are zoo algorithms; the eval env and enjoy's env drop the group wrappers."""
+    from rl_zoo3.utils import ALGOS
+
+    zoo.install()  # idempotent
+    assert ALGOS["grpo"] is GRPO and ALGOS["rloo"] is RLOO and ALGOS["reinforce"] is REINFORCE and ALGOS["ppo"] is PPO
+    section = yaml.safe_load((HYPERPARAMS / "grpo.yml").read_text())[TEXT_ENV]
+    stripped = zoo.strip_group_wrappers(section)
+    assert "env_wrapper" not in stripped and stripped["vec_env_wrapper"] == ["sb3_textrl.common.vec_env.BatchedRewardVecEnv"]
+    assert section["env_wrapper"] and len(section["vec_env_wrapper"]) == 2  # the YAML's dict is left as it is
+    ungrouped = yaml.safe_load((HYPERPARAMS / "ppo.yml").read_text())[TEXT_ENV]
+    assert zoo.strip_group_wrappers(ungrouped) == ungrouped
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "reinforce"])
+def test_algo_hyperparams_files(algo: str):
+    hyperparams = yaml.safe_load((HYPERPARAMS / f"{algo}.yml").read_text())
+    assert set(hyperparams) == {TEXT_ENV}
+    text = hyperparams[TEXT_ENV]
+    assert text["policy"] == "LMPolicy" and text["env_kwargs"]["model_name_or_path"] == "smollm2-135m-instruct"
+    assert len(text["env_kwargs"]["prompts"]) == 48 and text["n_envs"] == 16 and text["n_timesteps"] == 7680
+
+
+def test_grpo_train_and_enjoy(tmp_path: Path, tiny_llama_path: str):
+    """grpo.yml shrunk to 4 envs in groups of 2 x 4 tokens: the zoo trains GRPO on the grouped env, evaluates on an
+    ungrouped one, and enjoy replays it."""
+    hyperparams = yaml.safe_load((HYPERPARAMS / "grpo.yml").read_text())
+    entry = hyperparams[TEXT_ENV]
+    entry.update(n_envs=4, n_timesteps=32, n_steps=4, batch_size=8)
+    entry["vec_env_wrapper"][1]["sb3_textrl.common.group_vec_env.GroupedVecEnv"]["group_size"] = 2
+    entry["env_kwargs"].update(
+        model_name_or_path=tiny_llama_path, max_new_tokens=4, prompts=entry["env_kwargs"]["prompts"][:4]
+    )
+    conf = tmp_path / "grpo_tiny.yml"
+    conf.write_text(yaml.safe_dump(hyperparams))
+    command = sb3_textrl_zoo_command(
+        "train", "grpo", TEXT_ENV, "--conf-file", str(conf), "-f", "logs", "--seed", "0", "--eval-freq", "16",
+        "--eval-episodes", "2",
+    )  # fmt: skip
+    run_zoo(command, tmp_path)
+    run_dir = tmp_path / "logs" / "grpo" / "sb3_textrl-TextGeneration-v0_1"
+    for name in ("sb3_textrl-TextGeneration-v0.zip", "best_model.zip", "evaluations.npz"):
+        assert (run_dir / name).is_file(), name
+    model = GRPO.load(run_dir / "sb3_textrl-TextGeneration-v0.zip", device="cpu")
+    assert isinstance(model.policy, CausalLMActorCriticPolicy) and model.num_timesteps >= 32 and model.n_steps == 4
+
+    out = run_zoo(sb3_textrl_zoo_command("enjoy", "grpo", TEXT_ENV, "-f", "logs", "--no-render", "-n", "12"), tmp_path)
+    assert "Mean reward:" in out

@@ -16,7 +16,7 @@ import torch as th
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 
-from sb3_textrl.common.evaluation import evaluate_prompts
+from sb3_textrl.common.evaluation import EvaluationResult, check_protocol, evaluate_prompts, evaluation_protocol
 from sb3_textrl.common.kl import KL_ESTIMATORS, FixedKLController, estimate_kl
 from sb3_textrl.common.plotting import plot_eval_curves, samples_markdown  # also importable from here, as before
 from sb3_textrl.policies import CausalLMActorCriticPolicy
@@ -201,6 +201,9 @@ class RolloutHistoryCallback(BaseCallback):
 EVAL_KEYS = {
     "reward_greedy": "eval/reward_greedy",
     "reward_sampled": "eval/reward_sampled",
+    "reward_sampled_std": "eval/reward_sampled_std",
+    "reward_sampled_sem": "eval/reward_sampled_sem",
+    "reward_sampled_ci95": "eval/reward_sampled_ci95",
     "kl": "eval/ref_kl",
     "ref_perplexity": "eval/ref_perplexity",
     "distinct_1": "eval/distinct_1",
@@ -210,27 +213,42 @@ EVAL_KEYS = {
 
 class LMEvalCallback(BaseCallback):
     """
-    Evaluate an LM policy on held-out prompts every ``eval_freq`` rollouts
-    (:func:`~sb3_textrl.common.evaluation.evaluate_prompts`).
+    Evaluate an LM policy on held-out prompts when training starts (the before point) and every ``eval_freq`` rollouts
+    (:func:`~sb3_textrl.common.evaluation.evaluate_prompts`: each prompt gets a greedy and ``n_samples`` sampled
+    completions, with common random numbers from ``seed``, so that the points of the curve differ by the model, not by
+    sampling noise; the training's random streams are left as they were).
 
     Logged to the SB3 logger (so TensorBoard works with ``tensorboard_log``): ``eval/reward_greedy``,
-    ``eval/reward_sampled`` (mean scores), ``eval/ref_kl`` (KL to the reference model, nats per completion),
+    ``eval/reward_sampled`` (mean scores), ``eval/reward_sampled_std`` (over all samples), ``eval/reward_sampled_sem`` and
+    ``eval/reward_sampled_ci95`` (standard error and 95 % confidence half-width of ``eval/reward_sampled``, over prompts:
+    a prompt's mean over its samples is the unit), ``eval/ref_kl`` (KL to the reference model, nats per completion),
     ``eval/ref_perplexity`` (perplexity of the sampled completions under the reference model), ``eval/distinct_1`` and
-    ``eval/distinct_2`` (Li et al. 2016). ``results`` keeps one dict per evaluation (with ``timesteps``) and
-    ``last_samples`` the latest table of sample completions; with ``log_path``, the samples are written as Markdown
-    (``samples.md``) and the curves as a PNG (``eval_curves.png``) after each evaluation.
+    ``eval/distinct_2`` (Li et al. 2016). The evaluation at training start is dumped at once, at its step (as SB3's
+    ``EvalCallback`` does); the others go out with the rollout's logs. ``results`` keeps one dict per evaluation (with
+    ``timesteps``), ``protocol`` how they were made (for ``results.json``) and ``last_samples`` the latest table of
+    sample completions; with ``log_path``, the samples are written as Markdown (``samples.md``) and the curves as a PNG
+    (``eval_curves.png``: the sampled reward with its 95 % band, and the greedy reward) after each evaluation.
+
+    When training starts at a step already in ``results`` (restored with :meth:`load_state_dict`, or a second
+    ``learn()``), nothing is evaluated then; when it starts at step 0 and ``before`` is given, ``before`` is that
+    point (no second evaluation of the same model).
 
     :param prompts: held-out prompts
     :param eval_freq: evaluate every this many rollouts (>= 1, default 10)
     :param reward_fn: reward name or callable, as in the environment (default ``"vader"``; completion-level only)
     :param reward_kwargs: keyword arguments of a named reward
     :param max_new_tokens: completion length limit, in tokens (default 32)
-    :param n_samples: sampled completions per prompt (default 1)
+    :param n_samples: sampled completions per prompt (default 8)
+    :param seed: seed of the common random numbers (default 0; ``None``: fresh draws from the global generator, which
+        then changes the training's random stream)
+    :param batch_size: prompts per ``generate`` call (default 16)
     :param n_table: sample completions kept in the table (default 4)
     :param log_path: folder for ``samples.md`` and ``eval_curves.png`` (default: none, nothing written)
+    :param before: the evaluation of the untrained policy with this protocol, if already made (e.g. the CLI's
+        evaluation before training): used as the step-0 point instead of evaluating again (default: none)
     :param verbose: 1 prints the metrics and the table
-    :raises ValueError: for an empty prompt list or ``eval_freq`` < 1; at the start of training, for a policy that is
-        not an ``LMPolicy``
+    :raises ValueError: for an empty prompt list, ``eval_freq`` < 1, a bad ``n_samples``, ``seed`` or ``batch_size``, or
+        a ``before`` made with another protocol; at the start of training, for a policy that is not an ``LMPolicy``
     """
 
     def __init__(
@@ -240,9 +258,12 @@ class LMEvalCallback(BaseCallback):
         reward_fn: str | RewardFn = "vader",
         reward_kwargs: dict | None = None,
         max_new_tokens: int = 32,
-        n_samples: int = 1,
+        n_samples: int = 8,
+        seed: int | None = 0,
+        batch_size: int = 16,
         n_table: int = 4,
         log_path: str | None = None,
+        before: EvaluationResult | None = None,
         verbose: int = 0,
     ):
         super().__init__(verbose)
@@ -250,11 +271,24 @@ class LMEvalCallback(BaseCallback):
             raise ValueError("`prompts` must be a non-empty list of held-out prompts.")
         if int(eval_freq) < 1:
             raise ValueError(f"`eval_freq` (rollouts between evaluations) must be >= 1, got {eval_freq}.")
+        check_protocol(n_samples, seed, batch_size)
         self.prompts = list(prompts)
         self.eval_freq = int(eval_freq)
         self.evaluate_kwargs: dict[str, Any] = dict(
-            reward_fn=reward_fn, reward_kwargs=reward_kwargs, max_new_tokens=max_new_tokens, n_samples=n_samples
+            reward_fn=reward_fn,
+            reward_kwargs=reward_kwargs,
+            max_new_tokens=max_new_tokens,
+            n_samples=n_samples,
+            seed=seed,
+            batch_size=batch_size,
         )
+        self.protocol = evaluation_protocol(len(self.prompts), n_samples, seed, max_new_tokens, batch_size)
+        if before is not None and before.protocol != self.protocol:
+            raise ValueError(
+                f"`before` was evaluated with the protocol {before.protocol or '(none recorded)'}, the callback's is "
+                f"{self.protocol}: evaluate it with the same settings, or leave `before` out."
+            )
+        self.before = before
         self.n_table = n_table
         self.log_path = log_path
         self.results: list[dict[str, float]] = []
@@ -264,6 +298,16 @@ class LMEvalCallback(BaseCallback):
     def _init_callback(self) -> None:
         if not isinstance(self.model.policy, CausalLMActorCriticPolicy):
             raise ValueError("LMEvalCallback evaluates an LMPolicy: build the model with PPO('LMPolicy', env).")
+
+    def _on_training_start(self) -> None:
+        if self.results and self.results[-1]["timesteps"] == self.num_timesteps:
+            return  # this point is already on the curve
+        if self.before is not None and self.num_timesteps == 0:
+            self._record(self.before)
+        else:
+            self.evaluate()
+        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
+        self.logger.dump(self.num_timesteps)
 
     def _on_step(self) -> bool:
         return True
@@ -283,8 +327,14 @@ class LMEvalCallback(BaseCallback):
         policy: CausalLMActorCriticPolicy = self.model.policy  # type: ignore[assignment]
         training = policy.training
         policy.set_training_mode(False)
-        result = evaluate_prompts(policy, self.prompts, **self.evaluate_kwargs)
-        policy.set_training_mode(training)
+        try:
+            result = evaluate_prompts(policy, self.prompts, **self.evaluate_kwargs)
+        finally:
+            policy.set_training_mode(training)
+        return self._record(result)
+
+    def _record(self, result: EvaluationResult) -> dict[str, float]:
+        """Log ``result`` under ``eval/`` at the current step, keep it and, with ``log_path``, write the files."""
         metrics = {"timesteps": float(self.num_timesteps)}
         for field, key in EVAL_KEYS.items():
             metrics[field] = float(getattr(result, field))
@@ -308,4 +358,3 @@ class LMEvalCallback(BaseCallback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Put back what :meth:`state_dict` returned."""
         self.results, self.last_samples, self.n_rollouts = state["results"], state["last_samples"], state["n_rollouts"]
-

@@ -52,9 +52,11 @@ def plot_rollout_history(history: list[dict[str, float]], path: str, title: str 
 
 def plot_eval_curves(results: list[dict[str, float]], path: str) -> str:
     """
-    Draw the held-out evaluation metrics against timesteps (tokens) into a PNG file, one panel per metric: reward
-    (greedy and sampled), KL to the reference model (nats per completion), perplexity under the reference model, and
-    distinct-1/2. A metric that is ``nan`` at every evaluation is left out of its panel.
+    Draw the held-out evaluation metrics against timesteps (tokens) into a PNG file, one panel per metric: reward (the
+    mean sampled reward with a band of its 95 % confidence interval, ``reward_sampled_ci95``, and the greedy reward), KL
+    to the reference model (nats per completion), perplexity under the reference model, and distinct-1/2. A metric that
+    is ``nan`` at every evaluation is left out of its panel, and so is the band where the half-width is ``nan`` or
+    missing (a single prompt, or results saved before it was computed).
 
     :param results: ``LMEvalCallback.results`` (see :class:`~sb3_textrl.common.callbacks.LMEvalCallback`): dicts with
         ``timesteps`` and the fields of :data:`~sb3_textrl.common.callbacks.EVAL_KEYS`
@@ -66,15 +68,20 @@ def plot_eval_curves(results: list[dict[str, float]], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["timesteps"] for r in results]
-    panels = [("reward", ["reward_greedy", "reward_sampled"]), ("KL to reference (nats)", ["kl"]),
+    steps = np.array([r["timesteps"] for r in results], dtype=float)
+    panels = [("reward", ["reward_sampled", "reward_greedy"]), ("KL to reference (nats)", ["kl"]),
               ("perplexity under reference", ["ref_perplexity"]), ("distinct-n", ["distinct_1", "distinct_2"])]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
     for ax, (title, fields) in zip(axes, panels):
         for field in fields:
-            values = [r[field] for r in results]
-            if not all(np.isnan(values)):
-                ax.plot(steps, values, marker=".", label=field)
+            values = np.array([r[field] for r in results], dtype=float)
+            if np.all(np.isnan(values)):
+                continue
+            (line,) = ax.plot(steps, values, marker=".", label=field)
+            half = np.array([r.get(f"{field}_ci95", np.nan) for r in results], dtype=float)
+            if not np.all(np.isnan(half)):
+                ax.fill_between(steps, values - half, values + half, color=line.get_color(), alpha=0.2, linewidth=0,
+                                label=f"{field} ± 95% CI")  # fmt: skip
         ax.set_title(title)
         ax.set_xlabel("timesteps (tokens)")
         ax.grid(alpha=0.3)

@@ -12,3 +12,5 @@ token bookkeeping, and the machinery that makes one token per env step cheap to 
 - :mod:`~sb3_textrl.lm.activation_checkpointing`, :mod:`~sb3_textrl.lm.lean_activations`: less memory kept for backward.
 - :mod:`~sb3_textrl.lm.optim`: Adam's state made before the first step.
 """
+
+__all__: list[str] = []
