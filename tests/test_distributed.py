@@ -167,8 +167,8 @@ def test_two_ranks_train_identically(two_rank_run, tiny_llama_path):
     start = AutoModelForCausalLM.from_pretrained(tiny_llama_path).state_dict()
     changed = [k for k, v in start.items() if not th.equal(v, weights[0]["lm." + k])]
     assert changed, "training did not change the LM"
-    # rank 0 saved; the model loads in one process, with the trained weights
-    assert sorted(os.listdir(tmp_path / "run")) == ["curves.png", "model.zip", "pretrained", "results.json"]
+    # rank 0 saved (and evaluated: eval/); the model loads in one process, with the trained weights
+    assert sorted(os.listdir(tmp_path / "run")) == ["curves.png", "eval", "model.zip", "pretrained", "results.json"]
     model = PPO.load(tmp_path / "run" / "model.zip", device="cpu")
     for name, value in model.policy.state_dict().items():
         assert th.equal(value, weights[0][name]), name
