@@ -5,7 +5,7 @@ the envs whose episode is still running.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch as th
@@ -14,7 +14,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy, MultiInputActorCriticPolicy
-from stable_baselines3.common.type_aliases import GymEnv, Schedule, TensorDict
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule, TensorDict
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -26,6 +26,8 @@ from sb3_textrl.lm.log_probs import sample_categorical
 from sb3_textrl.policies import CausalLMActorCriticPolicy
 
 __all__ = ["GroupOnPolicyAlgorithm"]
+
+SelfGroupAlgorithm = TypeVar("SelfGroupAlgorithm", bound="GroupOnPolicyAlgorithm")
 
 
 class GroupOnPolicyAlgorithm(OnPolicyAlgorithm):
@@ -316,6 +318,29 @@ class GroupOnPolicyAlgorithm(OnPolicyAlgorithm):
             actions = buffer.to_torch(buffer.actions[rows, 0]).reshape(-1)
             ref[rows] = self.policy.reference_log_prob(buffer.observations_at(rows), actions).float().cpu().numpy()  # type: ignore[operator]
         buffer.ref_log_probs = ref
+
+    def learn(
+        self: SelfGroupAlgorithm,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str | None = None,
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfGroupAlgorithm:
+        """
+        SB3's ``learn``, logging after every rollout (one round) by default, under the algorithm's class name
+        (``tb_log_name=None``: ``"GRPO"``, ``"RLOO"``).
+        """
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name or type(self).__name__,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
 
 
 def _take(obs: Any, rows: np.ndarray) -> Any:

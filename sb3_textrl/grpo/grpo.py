@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch as th
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.utils import FloatSchedule
 
 from sb3_textrl.common.group_advantages import LOSS_TYPES, SCALE_REWARDS, group_advantages, token_loss_weights
@@ -17,9 +17,7 @@ from sb3_textrl.common.group_algorithm import GroupOnPolicyAlgorithm
 from sb3_textrl.common.kl import k3_kl
 from sb3_textrl.common.validation import check_positive_int
 
-__all__ = ["GRPO", "SelfGRPO", "clipped_surrogate_loss"]
-
-SelfGRPO = TypeVar("SelfGRPO", bound="GRPO")
+__all__ = ["GRPO", "clipped_surrogate_loss"]
 
 
 def clipped_surrogate_loss(
@@ -257,21 +255,3 @@ class GRPO(GroupOnPolicyAlgorithm):
         self.logger.record("train/clip_range", clip_low)
         if self.clip_range_high is not None:
             self.logger.record("train/clip_range_high", clip_high)
-
-    def learn(
-        self: SelfGRPO,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        log_interval: int = 1,
-        tb_log_name: str = "GRPO",
-        reset_num_timesteps: bool = True,
-        progress_bar: bool = False,
-    ) -> SelfGRPO:
-        return super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=tb_log_name,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
-        )

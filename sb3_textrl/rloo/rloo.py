@@ -4,21 +4,19 @@ Learning from Human Feedback in LLMs", https://arxiv.org/abs/2402.14740) on SB3'
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch as th
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
 from sb3_textrl.common.group_advantages import leave_one_out_advantages
 from sb3_textrl.common.group_algorithm import GroupOnPolicyAlgorithm
 from sb3_textrl.common.kl import k3_kl
 
-__all__ = ["RLOO", "SelfRLOO"]
-
-SelfRLOO = TypeVar("SelfRLOO", bound="RLOO")
+__all__ = ["RLOO"]
 
 
 class RLOO(GroupOnPolicyAlgorithm):
@@ -172,21 +170,3 @@ class RLOO(GroupOnPolicyAlgorithm):
         self.logger.record("train/approx_kl", approx_kl_sum / n_tokens)
         if self.beta > 0:
             self.logger.record("train/ref_kl", ref_kl_sum)
-
-    def learn(
-        self: SelfRLOO,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        log_interval: int = 1,
-        tb_log_name: str = "RLOO",
-        reset_num_timesteps: bool = True,
-        progress_bar: bool = False,
-    ) -> SelfRLOO:
-        return super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=tb_log_name,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
-        )
