@@ -2,8 +2,9 @@
 
 - ``sb3_textrl/LinearToy-v0`` (continuous control): PPO, A2C, SAC, TD3 and, if sb3-contrib is installed, TRPO,
   all with the stock ``MlpPolicy``.
-- ``sb3_textrl/TokenMatch-v0``, modes ``fixed`` and ``copy``: PPO, A2C and REINFORCE, each with ``MlpPolicy`` and with
-  ``LMPolicy`` on a tiny random Llama whose vocabulary is the env's (built here, nothing downloaded).
+- ``sb3_textrl/TokenMatch-v0``, modes ``fixed`` and ``copy``: PPO, A2C, REINFORCE and the group methods GRPO and
+  RLOO (8 envs in groups of 4 that start each round alike), each with ``MlpPolicy`` and with ``LMPolicy`` on a tiny
+  random Llama whose vocabulary is the env's (built here, nothing downloaded).
 
 Each run trains for the same number of environment steps per environment (the budget) and is evaluated with the
 greedy policy on the same seeded episodes (``reset(seed=10_000 + i)``) at regular intervals. The table gives the
@@ -35,7 +36,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_textrl  # noqa: F401  (registers the envs and "LMPolicy")
-from sb3_textrl import REINFORCE
+from sb3_textrl import GRPO, REINFORCE, RLOO, make_group_vec_env
 from sb3_textrl.testing import build_tiny_lm
 
 try:
@@ -61,6 +62,7 @@ class Case:
     policy: str
     n_envs: int
     algo_kwargs: dict[str, Any] = field(default_factory=dict)
+    group_size: int | None = None  # GRPO, RLOO: envs in groups that start each round alike (make_group_vec_env)
 
 
 def cases(lm_path: str) -> list[Case]:
@@ -81,6 +83,11 @@ def cases(lm_path: str) -> list[Case]:
         (A2C, dict(n_steps=8, learning_rate=1e-3, ent_coef=0.01)),
         (REINFORCE, dict(n_steps=16, learning_rate=3e-3, ent_coef=0.01)),
     ]
+    # one round per rollout: n_steps = the episode length; 2 groups of 4 episodes per round
+    group_methods: list[tuple[type[BaseAlgorithm], dict[str, Any]]] = [
+        (GRPO, dict(n_steps=TOKEN_MATCH_KWARGS["length"], n_epochs=4, learning_rate=3e-3, ent_coef=0.01)),
+        (RLOO, dict(n_steps=TOKEN_MATCH_KWARGS["length"], learning_rate=3e-3, ent_coef=0.01)),
+    ]
     lm_kwargs = dict(model_name_or_path=lm_path, use_reference_model=False)
     for mode in ("fixed", "copy"):
         env_kwargs = dict(TOKEN_MATCH_KWARGS, mode=mode)
@@ -88,6 +95,12 @@ def cases(lm_path: str) -> list[Case]:
             out.append(Case(TOKEN_MATCH, env_kwargs, f"TokenMatch {mode}", algo, "MlpPolicy", 4, kwargs))
             out.append(
                 Case(TOKEN_MATCH, env_kwargs, f"TokenMatch {mode}", algo, "LMPolicy", 4, dict(kwargs, policy_kwargs=lm_kwargs))
+            )
+        for algo, kwargs in group_methods:
+            label = f"TokenMatch {mode}"
+            out.append(Case(TOKEN_MATCH, env_kwargs, label, algo, "MlpPolicy", 8, kwargs, group_size=4))
+            out.append(
+                Case(TOKEN_MATCH, env_kwargs, label, algo, "LMPolicy", 8, dict(kwargs, policy_kwargs=lm_kwargs), group_size=4)
             )
     return out
 
@@ -132,7 +145,10 @@ def run(case: Case, seed: int, budget: int, n_points: int, n_eval: int) -> dict[
     env_kwargs = dict(case.env_kwargs)
     if env_kwargs.get("mode") == "fixed":
         env_kwargs["target_seed"] = seed  # one target per seed: the seeds are different problems
-    env = make_vec_env(case.env_id, n_envs=case.n_envs, seed=seed, env_kwargs=env_kwargs)
+    if case.group_size is None:
+        env = make_vec_env(case.env_id, n_envs=case.n_envs, seed=seed, env_kwargs=env_kwargs)
+    else:
+        env = make_group_vec_env(case.env_id, case.n_envs, case.group_size, seed=seed, env_kwargs=env_kwargs)
     eval_env = gym.make(case.env_id, **env_kwargs)
     # a deep copy: SB3's off-policy algorithms write `use_sde` into the policy_kwargs dict they are given
     model = case.algo(case.policy, env, seed=seed, **copy.deepcopy(case.algo_kwargs))
