@@ -93,6 +93,15 @@ class TrainConfig:
             "fixed_on_resume": True,
         },
     )
+    whole_episodes: bool = field(
+        default=False,
+        metadata={
+            "help": "ppo, a2c, reinforce: play the envs in rounds of --max-new-tokens steps, so that every rollout holds "
+            "whole episodes (an env whose completion has ended waits, at no cost, for the round's end); --n-steps must be "
+            "a multiple of --max-new-tokens",
+            "fixed_on_resume": True,
+        },
+    )
     n_steps: int | None = field(
         default=None,
         metadata={
@@ -256,6 +265,7 @@ class TrainConfig:
                     "drop the flag, or train without --fsdp."
                 )
         self._check_groups()
+        self._check_whole_episodes()
         batch_size = None if self.algo == "a2c" else self.batch_size  # A2C takes the whole rollout at once
         check_rollout_size(self.rollout_steps, self.n_envs, batch_size, names=("--n-steps", "--n-envs", "--batch-size"))
 
@@ -294,6 +304,22 @@ class TrainConfig:
             raise ValueError(
                 f"`--algo {self.algo}` under torchrun: data-parallel training needs the same number of minibatches on "
                 "every rank, which the group rollout buffers do not give; run GRPO and RLOO in one process."
+            )
+
+    def _check_whole_episodes(self) -> None:
+        """``--whole-episodes`` is for the algorithms without groups, with rollouts of whole rounds."""
+        if not self.whole_episodes:
+            return
+        if self.algo in GROUP_ALGOS:
+            raise ValueError(
+                f"`--whole-episodes` with --algo {self.algo}: its groups already play whole episodes, in rounds; drop "
+                "--whole-episodes."
+            )
+        if self.rollout_steps % self.max_new_tokens:
+            raise ValueError(
+                f"`--n-steps` ({self.n_steps}) must be a multiple of `--max-new-tokens` ({self.max_new_tokens}) with "
+                "--whole-episodes: a rollout holds whole rounds of max_new_tokens steps. Leave --n-steps out (it defaults "
+                "to --max-new-tokens)."
             )
 
     @property

@@ -25,10 +25,11 @@ def make_env(config: TrainConfig, prompts: list[str], seed: int) -> VecEnv:
     """
     The main job's ``config.n_envs`` environments over ``prompts``, scored with one reward call per step
     (:func:`~sb3_textrl.common.vec_env.make_text_vec_env`); for GRPO and RLOO in groups of ``config.group_size`` envs
-    that play each round on one prompt (a :class:`~sb3_textrl.common.group_vec_env.GroupedVecEnv`).
+    that play each round on one prompt (a :class:`~sb3_textrl.common.group_vec_env.GroupedVecEnv`); with
+    ``config.whole_episodes`` in rounds of whole episodes (a :class:`~sb3_textrl.common.whole_episodes.WholeEpisodeVecEnv`).
 
     :param config: the main job's settings (``model``, ``reward``, ``reward_kwargs``, ``max_new_tokens``, ``n_envs``,
-        ``algo``, ``group_size``)
+        ``algo``, ``group_size``, ``whole_episodes``)
     :param prompts: the training prompts
     :param seed: the base seed (env ``i`` gets ``seed + i``)
     """
@@ -41,7 +42,9 @@ def make_env(config: TrainConfig, prompts: list[str], seed: int) -> VecEnv:
         render_mode=None,
     )
     group_size = config.group_size if config.algo in GROUP_ALGOS else None
-    return make_text_vec_env(n_envs=config.n_envs, seed=seed, env_kwargs=env_kwargs, group_size=group_size)
+    return make_text_vec_env(
+        n_envs=config.n_envs, seed=seed, env_kwargs=env_kwargs, group_size=group_size, whole_episodes=config.whole_episodes
+    )
 
 
 def algorithm_kwargs(config: TrainConfig) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch as th
@@ -28,7 +29,7 @@ from sb3_textrl.lm.packing import forward_packed, packable
 from sb3_textrl.lm.prefix_sharing import forward_suffixes, prefix_cache, shared_prefix_length, split_prefix
 from sb3_textrl.lm.tokens import covering_rows, last_token_index, position_ids, steps_out_of_order
 
-__all__ = ["CausalLMActorCriticPolicy", "LMPolicy", "split_observation"]
+__all__ = ["CausalLMActorCriticPolicy", "LMPolicy", "on_real_rows", "real_rows", "split_observation"]
 
 # LMPolicy's own constructor arguments, saved with the model (_get_constructor_parameters)
 _LM_ARGUMENTS = ("model_name_or_path", "model_kwargs", "use_reference_model", "use_kv_cache", "prefix_sharing", "packing")
@@ -51,6 +52,35 @@ def split_observation(obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor]:
     if input_ids.dim() == 1:
         input_ids, attention_mask = input_ids[None], attention_mask[None]
     return input_ids, attention_mask
+
+
+def real_rows(obs: PyTorchObs) -> th.Tensor | None:
+    """
+    Which observations hold tokens: ``(batch,)`` bool, or ``None`` when all do (the usual case). An empty observation
+    (``attention_mask`` all zero) is an env waiting for its round
+    (:class:`~sb3_textrl.common.whole_episodes.WholeEpisodeVecEnv`).
+    """
+    if not isinstance(obs, dict):
+        return None
+    real = obs["attention_mask"].bool().any(dim=1)
+    return None if bool(real.all()) else real
+
+
+def on_real_rows(method: Callable[..., Any], obs: dict[str, th.Tensor], real: th.Tensor, empty: Any, *row_args, **kwargs):
+    """
+    ``method`` on the observations that hold tokens (and the same rows of ``row_args``), its outputs (a tensor or a
+    tuple of tensors, the batch first) spread back over the whole batch with zeros on the empty rows.
+
+    :param empty: the outputs when no observation holds tokens (zeros of the right shapes)
+    """
+    if not bool(real.any()):
+        return empty
+    outputs = method({key: value[real] for key, value in obs.items()}, *(arg[real] for arg in row_args), **kwargs)
+
+    def spread(values: th.Tensor) -> th.Tensor:
+        return values.new_zeros((len(real), *values.shape[1:])).index_put((real,), values)
+
+    return tuple(map(spread, outputs)) if isinstance(outputs, tuple) else spread(outputs)
 
 
 class CausalLMActorCriticPolicy(ActorCriticPolicy):
@@ -386,10 +416,17 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         """
         Sample the next token.
 
-        :param obs: token observations, ``(n_envs, max_length)`` int64 ``input_ids`` and ``attention_mask``
+        :param obs: token observations, ``(n_envs, max_length)`` int64 ``input_ids`` and ``attention_mask``; an empty
+            one (``attention_mask`` all zero: an env waiting for its round,
+            :class:`~sb3_textrl.common.whole_episodes.WholeEpisodeVecEnv`) runs nothing and gets token 0, value 0 and
+            log-prob 0
         :param deterministic: take the most likely token (greedy decoding)
         :return: actions ``(n_envs,)`` int64 token ids, values ``(n_envs, 1)`` float32, log-probs ``(n_envs,)`` float32
         """
+        real = real_rows(obs)
+        if real is not None:
+            empty = (th.zeros(len(real), dtype=th.long, device=self.device), self._zeros(real, 1), self._zeros(real))
+            return on_real_rows(self.forward, obs, real, empty, deterministic=deterministic)
         distribution, values = self.distribution_and_values(obs)
         actions = self._sample(distribution, deterministic)
         if not self.training:  # SB3's collect_rollouts: one call per step, every env's observation
@@ -408,10 +445,14 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         """
         Values, log-probs and entropies of the given tokens, one forward pass per group of prefix-sharing observations.
 
-        :param obs: ``(batch, max_length)`` int64 ``input_ids`` and ``attention_mask``
+        :param obs: ``(batch, max_length)`` int64 ``input_ids`` and ``attention_mask`` (an empty row gets zeros)
         :param actions: ``(batch,)`` token ids
         :return: values ``(batch, 1)``, log-probs ``(batch,)``, entropies ``(batch,)``, all float32
         """
+        real = real_rows(obs)
+        if real is not None:
+            empty = (self._zeros(real, 1), self._zeros(real), self._zeros(real))
+            return on_real_rows(self.evaluate_actions, obs, real, empty, actions)
         hidden = self._last_hidden(obs, self.lm, cached=True)
         # no Categorical object here: its autograd graph keeps ~4 vocabulary-sized tensors per row, this keeps one
         log_prob, entropy = log_prob_and_entropy(self._logits(hidden, self.lm, obs), actions.long().flatten())
@@ -421,10 +462,21 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         return self.distribution_and_values(obs)[0]
 
     def predict_values(self, obs: PyTorchObs) -> th.Tensor:
-        """Values ``(batch, 1)`` float32 of the observations."""
+        """Values ``(batch, 1)`` float32 of the observations (0 for an empty one)."""
+        real = real_rows(obs)
+        if real is not None:
+            return on_real_rows(self.predict_values, obs, real, self._zeros(real, 1))
         return self.value_head(self._last_hidden(obs, self.lm, cached=True).float())
 
+    def _zeros(self, real: th.Tensor, *shape: int) -> th.Tensor:
+        """float32 zeros ``(batch, *shape)``, the outputs of a batch of empty observations"""
+        return th.zeros((len(real), *shape), device=self.device)
+
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        real = real_rows(observation)
+        if real is not None:
+            empty = th.zeros(len(real), dtype=th.long, device=self.device)
+            return on_real_rows(self._predict, observation, real, empty, deterministic=deterministic)
         return self._sample(self.get_distribution(observation), deterministic)
 
     @th.no_grad()
@@ -432,10 +484,15 @@ class CausalLMActorCriticPolicy(ActorCriticPolicy):
         """
         Log-probabilities of ``actions`` under the frozen reference model, ``(batch,)`` float32.
 
+        An empty observation (``attention_mask`` all zero) gets 0, as :meth:`forward` gives it.
+
         :raises ValueError: if the policy was built with ``use_reference_model=False``
         """
         if self.reference_model is None:
             raise ValueError("This policy has no reference model: build it with policy_kwargs=dict(use_reference_model=True).")
+        real = real_rows(obs)
+        if real is not None:
+            return on_real_rows(self.reference_log_prob, obs, real, self._zeros(real), actions)
         with self.reference_context():
             hidden = self._last_hidden(obs, self.reference_model)
             logits = self._logits(hidden, self.reference_model, obs)

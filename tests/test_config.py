@@ -40,7 +40,8 @@ YAML_STRUCTURAL_KEYS = {"vec_env_wrapper"}
 # and GRPO's --clip-range-high, --scale-rewards, --loss-type and --beta
 FLAGS = [
     "--model", "--prompts", "--eval-prompts", "--reward", "--reward-kwargs", "--algo", "--total-timesteps",
-    "--max-new-tokens", "--n-envs", "--group-size", "--n-steps", "--batch-size", "--n-epochs", "--learning-rate",
+    "--max-new-tokens", "--n-envs", "--group-size", "--whole-episodes", "--n-steps", "--batch-size", "--n-epochs",
+    "--learning-rate",
     "--kl-coef", "--kl-target", "--kl-horizon", "--kl-estimator", "--gamma", "--gae-lambda", "--clip-range",
     "--clip-range-high", "--scale-rewards", "--loss-type", "--beta", "--vf-coef", "--ent-coef", "--max-grad-norm",
     "--eval-samples", "--eval-seed", "--eval-every", "--seed", "--device", "--output-dir", "--checkpoint-every",
@@ -188,7 +189,8 @@ def test_resume_fixed_args_come_from_the_metadata():
     fixed = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("fixed_on_resume"))
     assert RESUME_FIXED_ARGS == fixed == config.resume_fixed_fields()
     assert RESUME_FIXED_ARGS == (
-        "reward", "reward_kwargs", "algo", "max_new_tokens", "n_envs", "group_size", "n_steps", "batch_size", "n_epochs",
+        "reward", "reward_kwargs", "algo", "max_new_tokens", "n_envs", "group_size", "whole_episodes", "n_steps",
+        "batch_size", "n_epochs",
         "kl_coef", "kl_target", "kl_horizon", "kl_estimator", "gamma", "gae_lambda", "clip_range", "clip_range_high",
         "scale_rewards", "loss_type", "beta", "vf_coef", "ent_coef", "max_grad_norm", "eval_samples", "eval_seed", "seed",
         "activation_checkpointing",

@@ -23,7 +23,9 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
 
     Episodes are packed greedily into minibatches of at most ``batch_size`` steps (an episode longer than
     ``batch_size`` forms a minibatch of its own), so minibatch sizes vary. Episodes cut by the rollout's end are
-    treated as episodes of their own. The constructor's arguments are ``DictRolloutBuffer``'s.
+    treated as episodes of their own. Steps whose observation is empty (``attention_mask`` all zero: an env waiting for
+    its round, :class:`~sb3_textrl.common.whole_episodes.WholeEpisodeVecEnv`) are left out. The constructor's
+    arguments are ``DictRolloutBuffer``'s.
     """
 
     def reset(self) -> None:
@@ -47,20 +49,31 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
         the rollout starts an episode in each env (a cut one, if it began in the previous rollout).
 
         :return: one int64 array of flat indices per episode, its steps in time order; the episodes in env order,
-            then time order
+            then time order; the steps of empty observations (waiting envs) left out
         """
         if self._episodes is None:
             starts = self.episode_starts.astype(bool).copy()
             starts[0, :] = True  # the rollout's first step starts a (possibly cut) episode in each env
             flat_starts = np.flatnonzero(starts.T.reshape(-1))
             bounds = [*flat_starts.tolist(), self.buffer_size * self.n_envs]
-            self._episodes = [np.arange(a, b) for a, b in itertools.pairwise(bounds)]
+            real = self._real_steps()
+            episodes = (np.arange(a, b) for a, b in itertools.pairwise(bounds))
+            self._episodes = [steps for steps in (e[real[e]] for e in episodes) if len(steps)]
         return self._episodes
+
+    def _real_steps(self) -> np.ndarray:
+        """``(n_envs * n_steps,)`` bool in flat (env-major) order: the steps whose observation holds tokens."""
+        mask = self.observations.get("attention_mask")
+        if mask is None:
+            return np.ones(self.buffer_size * self.n_envs, dtype=bool)
+        real = mask.reshape(*mask.shape[: 1 if self.generator_ready else 2], -1).any(axis=-1)
+        return real if self.generator_ready else real.T.reshape(-1)
 
     def get(self, batch_size: int | None = None) -> Generator[DictRolloutBufferSamples, None, None]:
         """
         Yield minibatches of whole episodes, the episodes in a random order (``np.random``), each minibatch at most
-        ``batch_size`` steps unless it is one longer episode; every step appears once per call.
+        ``batch_size`` steps unless it is one longer episode; every step appears once per call (but waiting steps:
+        none).
 
         :param batch_size: the most steps per minibatch (default ``None``: the whole rollout in one minibatch)
         :return: a generator of ``DictRolloutBufferSamples``, each holding the steps of its episodes in order
@@ -69,8 +82,7 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
         if not self.generator_ready:
             self._flatten()
         episodes = self.episode_indices()
-        total = self.buffer_size * self.n_envs
-        batch_size = total if batch_size is None else batch_size
+        batch_size = self.buffer_size * self.n_envs if batch_size is None else batch_size
         batch: list[np.ndarray] = []
         size = 0
         for e in np.random.permutation(len(episodes)):

@@ -21,7 +21,14 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepR
 
 from sb3_textrl.common.validation import check_positive_int
 
-__all__ = ["GroupMemberWrapper", "GroupedVecEnv", "check_group_size", "group_member_fn", "make_group_vec_env"]
+__all__ = [
+    "GroupMemberWrapper",
+    "GroupedVecEnv",
+    "check_group_size",
+    "group_member_fn",
+    "make_group_vec_env",
+    "start_options",
+]
 
 
 # the reset option by which GroupedVecEnv starts a round (its value: the env's group id)
@@ -46,6 +53,18 @@ def check_group_size(group_size: int, n_envs: int) -> None:
             f"`group_size` ({group_size}) must divide `n_envs` ({n_envs}): the envs form n_envs / group_size groups. "
             f"Use a multiple of group_size for n_envs, e.g. n_envs={group_size * max(1, round(n_envs / group_size))}."
         )
+
+
+def start_options(group_id: int, **options: Any) -> dict[str, Any]:
+    """
+    The reset options by which a :class:`GroupMemberWrapper` starts a new episode (any other reset makes a finished
+    env wait).
+
+    :param group_id: the episode's group (or round) id
+    :param options: more options for the wrapped environment (``prompt_index``, or ``seed`` for its seed)
+    :return: the options, for ``VecEnv.set_options``
+    """
+    return {_GROUP_OPTION: int(group_id), **options}
 
 
 def _copy_obs(obs: Any) -> Any:
@@ -198,7 +217,7 @@ class GroupedVecEnv(VecEnvWrapper):
         key = "seed" if self.n_prompts is None else "prompt_index"
         self.venv.set_options(
             [
-                {_GROUP_OPTION: int(group_ids[e // self.group_size]), key: int(starts[e // self.group_size])}
+                start_options(group_ids[e // self.group_size], **{key: int(starts[e // self.group_size])})
                 for e in range(self.num_envs)
             ]
         )

@@ -28,6 +28,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 from sb3_textrl.common.group_vec_env import GroupedVecEnv, check_group_size, group_member_fn
 from sb3_textrl.common.validation import check_positive_int
+from sb3_textrl.common.whole_episodes import WholeEpisodeVecEnv
 from sb3_textrl.rewards import RewardError, RewardFn, get_reward_fn, is_per_token, reward_name, score_completions, term_scores
 
 __all__ = ["TEXT_GENERATION_ENV_ID", "BatchedRewardVecEnv", "make_text_vec_env"]
@@ -148,6 +149,7 @@ def make_text_vec_env(
     monitor_filename: str | os.PathLike | None = None,
     env_id: str = TEXT_GENERATION_ENV_ID,
     group_size: int | None = None,
+    whole_episodes: bool = False,
 ) -> VecEnv:
     """
     Build ``n_envs`` text-generation environments whose episodes are scored in one batch per step:
@@ -170,13 +172,23 @@ def make_text_vec_env(
     :param group_size: for GRPO and RLOO: play the envs in groups of ``group_size`` consecutive envs that start each
         episode on the same prompt, in rounds (a :class:`~sb3_textrl.common.group_vec_env.GroupedVecEnv`, outermost;
         ``info["group"]`` on each finished episode). ``None`` (default): independent envs
+    :param whole_episodes: for PPO, A2C and REINFORCE: play the envs in rounds of ``max_new_tokens`` steps (a
+        :class:`~sb3_textrl.common.whole_episodes.WholeEpisodeVecEnv`, outermost), so that a rollout whose ``n_steps``
+        is a multiple of ``max_new_tokens`` holds whole episodes only; an env that has finished its episode waits with
+        an empty observation. Train with ``rollout_buffer_class=EpisodeRolloutBuffer``. Default ``False``: each env
+        starts its next episode at once, and a rollout's end cuts the running episodes
     :return: the wrapped ``VecEnv``
-    :raises ValueError: if ``n_envs`` is not a positive integer, the reward is invalid, or ``group_size`` is < 2 or
-        does not divide ``n_envs``
+    :raises ValueError: if ``n_envs`` is not a positive integer, the reward is invalid, ``group_size`` is < 2 or
+        does not divide ``n_envs``, or both ``group_size`` and ``whole_episodes`` are given
     """
     check_positive_int(n_envs, "n_envs")
     if group_size is not None:
         check_group_size(group_size, int(n_envs))
+        if whole_episodes:
+            raise ValueError(
+                "`whole_episodes=True` and `group_size` do not go together: groups already play whole episodes, in "
+                "rounds. Pass group_size for GRPO and RLOO, whole_episodes for PPO, A2C and REINFORCE."
+            )
     env_kwargs = dict(env_kwargs or {})
     if "defer_scoring" in env_kwargs:
         raise ValueError("Do not pass `defer_scoring` in `env_kwargs`: make_text_vec_env sets it.")
@@ -188,11 +200,13 @@ def make_text_vec_env(
         env_kwargs["reward_fn"] = reward
     vec_env_cls = vec_env_cls or DummyVecEnv
     env_fns = [_env_fn(env_id, rank, seed, env_kwargs) for rank in range(int(n_envs))]
-    if group_size is not None:  # each env waits, once its episode has ended, for the rest of its round
+    if group_size is not None or whole_episodes:  # each env waits, once its episode has ended, for the rest of its round
         env_fns = [group_member_fn(env_fn) for env_fn in env_fns]
     venv: VecEnv = vec_env_cls(env_fns, **(vec_env_kwargs or {}))
     venv.seed(seed)
     if deferred:
         venv = BatchedRewardVecEnv(venv, reward)
     venv = VecMonitor(venv, filename=None if monitor_filename is None else os.fspath(monitor_filename))
+    if whole_episodes:
+        return WholeEpisodeVecEnv(venv, round_steps=venv.get_attr("max_new_tokens", indices=[0])[0])
     return venv if group_size is None else GroupedVecEnv(venv, group_size, seed=seed)
