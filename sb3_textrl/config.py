@@ -5,10 +5,11 @@ and ``tests/test_config.py`` keeps the RL Zoo file ``examples/hyperparams/ppo.ym
 A2C, REINFORCE, GRPO or RLOO) and, for GRPO and RLOO, environments in groups of ``--group-size`` completions per prompt.
 
 Each field is one ``--flag`` (the name with ``-`` for ``_``). Its ``metadata`` holds the flag's ``"help"``,
-``"fixed_on_resume": True`` when a resumed run must keep the checkpointed value (:data:`RESUME_FIXED_ARGS`), and
-``argparse`` options the type cannot give (``"type"``, ``"choices"``, ``"nargs"``, ``"metavar"``). The type gives the
-rest: ``bool`` fields (default ``False``) are ``store_true`` flags, ``Literal[...]`` gives the choices, ``int`` and
-``float`` the ``type``.
+``"fixed_on_resume": True`` when a resumed run must keep the checkpointed value (:data:`RESUME_FIXED_ARGS`),
+``"resume_default"``, the value of a setting added later that a checkpoint without it ran with, and ``argparse``
+options the type cannot give (``"type"``, ``"choices"``, ``"nargs"``, ``"metavar"``). The type gives the rest: ``bool``
+fields are ``store_true`` flags (default ``False``) or ``--flag/--no-flag`` pairs (default ``True``),
+``Literal[...]`` gives the choices, ``int`` and ``float`` the ``type``.
 """
 
 from __future__ import annotations
@@ -94,12 +95,14 @@ class TrainConfig:
         },
     )
     whole_episodes: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "ppo, a2c, reinforce: play the envs in rounds of --max-new-tokens steps, so that every rollout holds "
-            "whole episodes (an env whose completion has ended waits, at no cost, for the round's end); --n-steps must be "
-            "a multiple of --max-new-tokens",
+            "whole episodes (an env whose completion has ended waits, at no cost, for the round's end; --n-steps must be "
+            "a multiple of --max-new-tokens); --no-whole-episodes: each env starts its next episode at once, and a "
+            "rollout's end cuts the episodes then running (grpo, rloo: always whole, in groups)",
             "fixed_on_resume": True,
+            "resume_default": False,
         },
     )
     n_steps: int | None = field(
@@ -307,20 +310,18 @@ class TrainConfig:
             )
 
     def _check_whole_episodes(self) -> None:
-        """``--whole-episodes`` is for the algorithms without groups, with rollouts of whole rounds."""
-        if not self.whole_episodes:
-            return
-        if self.algo in GROUP_ALGOS:
-            raise ValueError(
-                f"`--whole-episodes` with --algo {self.algo}: its groups already play whole episodes, in rounds; drop "
-                "--whole-episodes."
-            )
-        if self.rollout_steps % self.max_new_tokens:
+        """With ``--whole-episodes`` (PPO, A2C, REINFORCE; groups are whole anyway) a rollout holds whole rounds."""
+        if self.whole_episodes and self.algo not in GROUP_ALGOS and self.rollout_steps % self.max_new_tokens:
             raise ValueError(
                 f"`--n-steps` ({self.n_steps}) must be a multiple of `--max-new-tokens` ({self.max_new_tokens}) with "
-                "--whole-episodes: a rollout holds whole rounds of max_new_tokens steps. Leave --n-steps out (it defaults "
-                "to --max-new-tokens)."
+                "--whole-episodes (the default): a rollout holds whole rounds of max_new_tokens steps. Leave --n-steps "
+                "out (it defaults to --max-new-tokens), or pass --no-whole-episodes."
             )
+
+    @property
+    def plays_whole_episodes(self) -> bool:
+        """Whether the envs play in rounds of whole episodes without groups (``--whole-episodes``, not GRPO or RLOO)."""
+        return self.whole_episodes and self.algo not in GROUP_ALGOS
 
     @property
     def rollout_steps(self) -> int:
@@ -367,11 +368,18 @@ def check_resume_args(config: TrainConfig, saved: dict, train_prompts: list[str]
     :param eval_prompts: the resumed run's held-out prompts
     :raises ValueError: naming the first flag or prompt file that differs from the checkpointed run's
     """
+    fields = dataclasses.fields(TrainConfig)
+    resume_defaults = {f.name: f.metadata["resume_default"] for f in fields if "resume_default" in f.metadata}
     for name in RESUME_FIXED_ARGS:
-        if name in saved["args"] and saved["args"][name] != getattr(config, name):
+        if name not in saved["args"] and name not in resume_defaults:
+            continue
+        if name == "whole_episodes" and config.algo in GROUP_ALGOS:  # groups play whole episodes either way
+            continue
+        was = saved["args"].get(name, resume_defaults.get(name))
+        if was != getattr(config, name):
             flag = "--" + name.replace("_", "-")
             raise ValueError(
-                f"`--resume`: `{flag}` was {saved['args'][name]!r} in the checkpointed run, got {getattr(config, name)!r}: "
+                f"`--resume`: `{flag}` was {was!r} in the checkpointed run, got {getattr(config, name)!r}: "
                 "resume with the same arguments (only --total-timesteps, --learning-rate, --model (if the LM moved), "
                 "--device, --checkpoint-every, --keep-checkpoints and the output options may change)."
             )
@@ -388,9 +396,9 @@ def _argument_options(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     options: dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
     if hint is bool:
-        if f.default is not False:
-            raise TypeError(f"`{f.name}`: a bool setting is a store_true flag and must default to False, not {f.default!r}.")
-        options["action"] = "store_true"
+        if not isinstance(f.default, bool):
+            raise TypeError(f"`{f.name}`: a bool setting defaults to False (a store_true flag) or True, not {f.default!r}.")
+        options["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
     elif typing.get_origin(hint) is Literal:
         options["choices"] = list(typing.get_args(hint))
     elif hint in (int, float):

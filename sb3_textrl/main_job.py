@@ -42,8 +42,9 @@ def make_env(config: TrainConfig, prompts: list[str], seed: int) -> VecEnv:
         render_mode=None,
     )
     group_size = config.group_size if config.algo in GROUP_ALGOS else None
+    whole_episodes = config.plays_whole_episodes
     return make_text_vec_env(
-        n_envs=config.n_envs, seed=seed, env_kwargs=env_kwargs, group_size=group_size, whole_episodes=config.whole_episodes
+        n_envs=config.n_envs, seed=seed, env_kwargs=env_kwargs, group_size=group_size, whole_episodes=whole_episodes
     )
 
 

@@ -26,7 +26,9 @@ Passing ``--gym-packages sb3_textrl.zoo`` to ``python -m rl_zoo3.train`` imports
 - GRPO and RLOO train on groups: the YAML wraps each env in ``GroupMemberWrapper`` (``env_wrapper``) and the
   ``VecEnv`` in ``GroupedVecEnv`` (last in ``vec_env_wrapper``, with ``group_size``), as
   ``make_text_vec_env(..., group_size=G)`` does. The evaluation env (``EvalCallback``) and ``enjoy``'s env play
-  independent episodes: they are built without those two wrappers (:func:`strip_group_wrappers`).
+  independent episodes: they are built without those two wrappers (:func:`strip_group_wrappers`). PPO and REINFORCE
+  train on rounds of whole episodes in the same way (``GroupMemberWrapper`` and ``WholeEpisodeVecEnv``, as
+  ``make_text_vec_env(..., whole_episodes=True)``), also left out of the evaluation env.
 
 Nothing changes for the zoo until ``install()`` runs; it runs once, on import, and is idempotent.
 """
@@ -70,9 +72,9 @@ __all__ = [
 #: the algorithms :func:`install` adds to the zoo's ``ALGOS`` (``--algo``)
 ZOO_ALGOS: dict[str, type[BaseAlgorithm]] = {"grpo": GRPO, "rloo": RLOO, "reinforce": REINFORCE}
 
-#: the wrappers that make the envs play in groups (``env_wrapper`` and ``vec_env_wrapper`` entries of a zoo YAML),
-#: left out of the evaluation env and of ``enjoy``'s env
-GROUP_WRAPPERS = ("GroupMemberWrapper", "GroupedVecEnv")
+#: the wrappers that make the envs play in rounds, of groups or of whole episodes (``env_wrapper`` and
+#: ``vec_env_wrapper`` entries of a zoo YAML), left out of the evaluation env and of ``enjoy``'s env
+GROUP_WRAPPERS = ("GroupMemberWrapper", "GroupedVecEnv", "WholeEpisodeVecEnv")
 
 #: an Optuna sampler of the zoo: ``(trial, n_actions, n_envs, additional_args) -> hyperparameters``
 Sampler = Callable[[optuna.Trial, int, int, dict], dict[str, Any]]

@@ -35,7 +35,7 @@ YAML_PPO_KEYS = {
     "ent_coef", "max_grad_norm", "rollout_buffer_class", "policy_kwargs",
 }  # fmt: skip
 # keys that are not settings of TrainConfig: how the zoo builds what make_text_vec_env builds
-YAML_STRUCTURAL_KEYS = {"vec_env_wrapper"}
+YAML_STRUCTURAL_KEYS = {"env_wrapper", "vec_env_wrapper"}
 # the flags of `sb3-textrl train`, in order: those from before TrainConfig generated them, plus --algo, --group-size
 # and GRPO's --clip-range-high, --scale-rewards, --loss-type and --beta
 FLAGS = [
@@ -50,6 +50,8 @@ FLAGS = [
 ]  # fmt: skip
 GROUP_MEMBER = "sb3_textrl.common.group_vec_env.GroupMemberWrapper"
 GROUPED_VEC_ENV = "sb3_textrl.common.group_vec_env.GroupedVecEnv"
+BATCHED_REWARD = "sb3_textrl.common.vec_env.BatchedRewardVecEnv"
+WHOLE_EPISODES = "sb3_textrl.common.whole_episodes.WholeEpisodeVecEnv"
 
 
 def main_job_yaml(name: str = "ppo") -> dict:
@@ -107,6 +109,11 @@ def test_ppo_yml_is_the_main_job(monkeypatch):
 
     vec_env_kwargs = main_job_env_kwargs(monkeypatch)
     assert section["n_envs"] == vec_env_kwargs["n_envs"]
+    # rounds of whole episodes, as make_text_vec_env(..., whole_episodes=True) builds them, or independent episodes
+    round_wrappers = [BATCHED_REWARD, {WHOLE_EPISODES: {"round_steps": defaults.max_new_tokens}}]
+    assert vec_env_kwargs["whole_episodes"] is defaults.whole_episodes
+    assert section["vec_env_wrapper"] == (round_wrappers if defaults.whole_episodes else BATCHED_REWARD)
+    assert section.get("env_wrapper") == (GROUP_MEMBER if defaults.whole_episodes else None)
     env_kwargs = dict(section["env_kwargs"])
     assert env_kwargs.pop("defer_scoring") is True  # make_text_vec_env defers the scoring to its wrapper
     expected = {k: v for k, v in vec_env_kwargs["env_kwargs"].items() if v is not None}  # None: the env's default
@@ -127,11 +134,13 @@ def test_algo_yml_is_the_cli_job(monkeypatch, algo):
     if algo in GROUP_ALGOS:
         assert section.pop("env_wrapper") == GROUP_MEMBER
         batched, grouped = section.pop("vec_env_wrapper")
-        assert batched == main_job["vec_env_wrapper"] and list(grouped) == [GROUPED_VEC_ENV]  # GroupedVecEnv outermost
+        assert batched == BATCHED_REWARD and list(grouped) == [GROUPED_VEC_ENV]  # GroupedVecEnv outermost
         group_size = grouped[GROUPED_VEC_ENV]["group_size"]
-    else:
+    else:  # the main job's rounds of whole episodes
         assert section.pop("vec_env_wrapper") == main_job["vec_env_wrapper"]
+        assert section.pop("env_wrapper") == main_job["env_wrapper"]
     job = TrainConfig(algo=algo, group_size=group_size)
+    assert main_job_env_kwargs(monkeypatch, job)["whole_episodes"] is (algo not in GROUP_ALGOS)
     for key in ("n_envs", "n_timesteps", "env_kwargs", "callback"):
         assert section.pop(key) == main_job[key], key
     assert main_job_env_kwargs(monkeypatch, job)["group_size"] == group_size
@@ -159,10 +168,13 @@ def test_flags():
     assert [a.option_strings[0] for a in parser._actions[1:]] == FLAGS
     assert [a.dest for a in parser._actions[1:]] == [f.name for f in dataclasses.fields(TrainConfig)]
     argv = ["--reward-kwargs", '{"references": "x.jsonl"}', "--kl-estimator", "k3", "--n-steps", "12", "--kl-target", "0.5"]
-    args = parser.parse_args([*argv, "--resume", "--no-progress-bar", "--activation-checkpointing", "2"])
+    args = parser.parse_args([*argv, "--resume", "--no-progress-bar", "--activation-checkpointing", "2", "--no-whole-episodes"])
     assert args.reward_kwargs == {"references": "x.jsonl"} and args.kl_estimator == "k3"
     assert args.n_steps == 12 and args.kl_target == 0.5 and args.resume and args.no_progress_bar and not args.fsdp
+    assert args.whole_episodes is False and parser.parse_args([]).whole_episodes is True  # a --flag/--no-flag pair
     assert TrainConfig.from_namespace(args).activation_checkpointing == 2
+    with pytest.raises(ValueError, match=r"`--n-steps` \(12\) must be a multiple of `--max-new-tokens` \(24\)"):
+        TrainConfig(n_steps=12)
     argv = [
         "--algo",
         "grpo",
@@ -255,4 +267,4 @@ def test_algorithm_kwargs(algo, group_size, expected):
             "group",
             "grpo",
         )
-    assert TrainConfig(algo=algo, group_size=group_size, n_steps=32).rollout_steps == 32  # a longer round is allowed
+    assert TrainConfig(algo=algo, group_size=group_size, n_steps=48).rollout_steps == 48  # longer rollouts are allowed

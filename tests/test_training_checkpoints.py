@@ -314,6 +314,7 @@ def cli_args(model_path, output_dir, prompts_file, total=64, *extra):
         "16",
         "--max-new-tokens",
         "6",
+        "--no-whole-episodes",  # episodes of up to 6 tokens in flight across rollouts of 8 steps: resumed mid-episode
         "--eval-samples",
         "1",
         "--learning-rate",

@@ -5,9 +5,11 @@ import pytest
 import torch as th
 from conftest import PROMPTS, letter_fraction
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import CallbackList
 
 from sb3_textrl.common.buffers import EpisodeRolloutBuffer
 from sb3_textrl.common.callbacks import KLPenaltyCallback
+from sb3_textrl.common.training_checkpoints import AtomicCheckpointCallback, load_checkpoint
 from sb3_textrl.common.vec_env import make_text_vec_env
 from sb3_textrl.common.whole_episodes import WholeEpisodeVecEnv, empty_observations
 from sb3_textrl.lm.loading import load_tokenizer
@@ -135,3 +137,26 @@ def test_bad_inputs(tiny_llama_path):
     short.step(np.array([70, 70, 70]))
     with pytest.raises(ValueError, match="still running after a round of `round_steps`=2"):
         short.step(np.array([70, 70, 70]))
+
+
+def test_resume_of_a_whole_episode_run_is_exact(tiny_llama_path, tmp_path):
+    """A checkpoint falls on a rollout's end, which is a round's end: resuming gives the uninterrupted run's weights."""
+
+    def run(total, checkpoint_dir=None, resume_from=None):
+        if resume_from is None:
+            model = PPO("LMPolicy", whole_episode_env(tiny_llama_path, n_envs=2), n_steps=MAX_NEW_TOKENS, batch_size=8,
+                        seed=0, device="cpu", rollout_buffer_class=EpisodeRolloutBuffer)  # fmt: skip
+            kl = KLPenaltyCallback(kl_coef=0.1)
+        else:
+            kl = KLPenaltyCallback(kl_coef=0.1)
+            model, _ = load_checkpoint(resume_from, env=whole_episode_env(tiny_llama_path, n_envs=2, seed=9), callbacks=[kl])
+        callbacks = [kl] + ([AtomicCheckpointCallback(1, str(checkpoint_dir), callbacks=[kl])] if checkpoint_dir else [])
+        model.learn(total - model.num_timesteps, callback=CallbackList(callbacks), reset_num_timesteps=resume_from is None)
+        return {k: v.detach().clone() for k, v in model.policy.state_dict().items()}
+
+    rollout = MAX_NEW_TOKENS * 2
+    uninterrupted = run(3 * rollout, checkpoint_dir=tmp_path)
+    resumed = run(3 * rollout, resume_from=str(tmp_path / f"rl_model_{rollout}_steps.zip"))
+    assert uninterrupted.keys() == resumed.keys()
+    for key in uninterrupted:
+        assert th.equal(uninterrupted[key], resumed[key]), key

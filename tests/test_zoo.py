@@ -170,7 +170,7 @@ def test_smollm2_main_job_yaml(tmp_path: Path):
 
 
 def test_group_hooks():
-    """GRPO, RLOO and REINFORCE are zoo algorithms; the eval env and enjoy's env drop the group wrappers."""
+    """GRPO, RLOO and REINFORCE are zoo algorithms; the eval env and enjoy's env drop the group and round wrappers."""
     from rl_zoo3.utils import ALGOS
 
     zoo.install()  # idempotent
@@ -179,8 +179,12 @@ def test_group_hooks():
     stripped = zoo.strip_group_wrappers(section)
     assert "env_wrapper" not in stripped and stripped["vec_env_wrapper"] == ["sb3_textrl.common.vec_env.BatchedRewardVecEnv"]
     assert section["env_wrapper"] and len(section["vec_env_wrapper"]) == 2  # the YAML's dict is left as it is
-    ungrouped = yaml.safe_load((HYPERPARAMS / "ppo.yml").read_text())[TEXT_ENV]
-    assert zoo.strip_group_wrappers(ungrouped) == ungrouped
+    rounds = yaml.safe_load((HYPERPARAMS / "ppo.yml").read_text())[TEXT_ENV]  # rounds of whole episodes
+    stripped = zoo.strip_group_wrappers(rounds)
+    assert "env_wrapper" not in stripped and stripped["vec_env_wrapper"] == ["sb3_textrl.common.vec_env.BatchedRewardVecEnv"]
+    independent = {k: v for k, v in rounds.items() if k not in ("env_wrapper", "vec_env_wrapper")}
+    independent["vec_env_wrapper"] = "sb3_textrl.common.vec_env.BatchedRewardVecEnv"
+    assert zoo.strip_group_wrappers(independent) == independent
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo", "reinforce"])
