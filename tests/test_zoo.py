@@ -221,3 +221,28 @@ def test_grpo_train_and_enjoy(tmp_path: Path, tiny_llama_path: str):
 
     out = run_zoo(sb3_textrl_zoo_command("enjoy", "grpo", TEXT_ENV, "-f", "logs", "--no-render", "-n", "12"), tmp_path)
     assert "Mean reward:" in out
+
+
+def test_ppo_whole_episodes_train_and_enjoy(tmp_path: Path, tiny_llama_path: str):
+    """ppo.yml shrunk to 2 envs x 4 tokens: the stock zoo trains PPO on rounds of whole episodes (WholeEpisodeVecEnv
+    from the YAML), evaluates on independent episodes, and enjoy replays it."""
+    hyperparams = yaml.safe_load((HYPERPARAMS / "ppo.yml").read_text())
+    hyperparams = {TEXT_ENV: hyperparams[TEXT_ENV]}
+    entry = hyperparams[TEXT_ENV]
+    entry.update(n_envs=2, n_timesteps=32, n_steps=4, batch_size=8)
+    entry["vec_env_wrapper"][1]["sb3_textrl.common.whole_episodes.WholeEpisodeVecEnv"]["round_steps"] = 4
+    entry["env_kwargs"].update(
+        model_name_or_path=tiny_llama_path, max_new_tokens=4, prompts=entry["env_kwargs"]["prompts"][:4]
+    )
+    conf = tmp_path / "ppo_tiny.yml"
+    conf.write_text(yaml.safe_dump(hyperparams))
+    command = zoo_command(
+        "train", "ppo", TEXT_ENV, "--conf-file", str(conf), "-f", "logs", "--seed", "0", "--eval-freq", "16",
+        "--eval-episodes", "2",
+    )  # fmt: skip
+    run_zoo(command, tmp_path)
+    run_dir = tmp_path / "logs" / "ppo" / "sb3_textrl-TextGeneration-v0_1"
+    for name in ("sb3_textrl-TextGeneration-v0.zip", "best_model.zip", "evaluations.npz"):
+        assert (run_dir / name).is_file(), name
+    out = run_zoo(zoo_command("enjoy", "ppo", TEXT_ENV, "-f", "logs", "--no-render", "-n", "12"), tmp_path)
+    assert "Mean reward:" in out
