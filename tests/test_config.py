@@ -168,7 +168,8 @@ def test_flags():
     assert [a.option_strings[0] for a in parser._actions[1:]] == FLAGS
     assert [a.dest for a in parser._actions[1:]] == [f.name for f in dataclasses.fields(TrainConfig)]
     argv = ["--reward-kwargs", '{"references": "x.jsonl"}', "--kl-estimator", "k3", "--n-steps", "12", "--kl-target", "0.5"]
-    args = parser.parse_args([*argv, "--resume", "--no-progress-bar", "--activation-checkpointing", "2", "--no-whole-episodes"])
+    argv += ["--resume", "--no-progress-bar", "--activation-checkpointing", "2", "--no-whole-episodes"]
+    args = parser.parse_args(argv)
     assert args.reward_kwargs == {"references": "x.jsonl"} and args.kl_estimator == "k3"
     assert args.n_steps == 12 and args.kl_target == 0.5 and args.resume and args.no_progress_bar and not args.fsdp
     assert args.whole_episodes is False and parser.parse_args([]).whole_episodes is True  # a --flag/--no-flag pair
