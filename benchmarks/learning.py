@@ -31,10 +31,10 @@ The start evaluation of a seed is the same in every configuration (same model, p
 seed. ``--threads 1`` lets two benchmark processes share a 2-core machine (more rows per hour at a fixed
 ``--iterations``; their seconds are then not comparable with a 2-thread run's).
 
-Output (``--out``): ``learning.csv`` (one row per configuration x seed x evaluation point, rewritten after each run:
-``config``, ``seed``, ``iteration``, ``train_seconds``, ``tokens`` generated so far, ``seconds_per_iteration`` (mean
-so far), ``eval_seconds``, the numbers of the :class:`~sb3_textrl.common.evaluation.EvaluationResult` and
-``gain_sampled``, ``gain_sampled_ci95``: the gain since the start with its 95 % interval over prompts, paired),
+Output (``--out``): ``learning.csv`` (one row per configuration x seed x evaluation point, rewritten after each
+evaluation: ``config``, ``seed``, ``iteration``, ``train_seconds``, ``tokens`` generated so far,
+``seconds_per_iteration`` (mean so far), ``eval_seconds``, the numbers of the
+:class:`~sb3_textrl.common.evaluation.EvaluationResult` and ``gain_sampled``, ``gain_sampled_ci95``: the gain since the start with its 95 % interval over prompts, paired),
 ``learning.png`` (held-out sampled reward against training seconds: per configuration the mean over seeds, a band from
 the lowest to the highest seed, each evaluation a dot) and ``summary.md``, the table also printed: per configuration
 the held-out gain (after - before, sampled and greedy) as the mean over seeds +- a 95 % t interval, the gain's
@@ -61,6 +61,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,8 +233,15 @@ def evaluate(policy: CausalLMActorCriticPolicy, prompts: list[str], config: Trai
 _START_EVALUATIONS: dict[tuple, tuple[Any, dict]] = {}
 
 
-def run(configuration: Configuration, args: argparse.Namespace, seed: int, eval_prompts: list[str]) -> list[dict]:
-    """Train one configuration with one seed for the budget; one row per evaluation point."""
+def run(
+    configuration: Configuration,
+    args: argparse.Namespace,
+    seed: int,
+    eval_prompts: list[str],
+    on_row: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Train one configuration with one seed for the budget; one row per evaluation point, each handed to ``on_row``
+    (with the rows so far) as soon as it is measured."""
     started = time.perf_counter()
     runner = (LibraryRun if configuration.base == "library" else PlainRun)(configuration, args.model, seed, args.device)
     load_s = time.perf_counter() - started
@@ -261,6 +269,8 @@ def run(configuration: Configuration, args: argparse.Namespace, seed: int, eval_
             "tokens": runner.tokens, "seconds_per_iteration": round(float(np.mean(iteration_s)), 3) if iteration_s else "",
             "eval_seconds": round(eval_s, 2), **metrics,
         })  # fmt: skip
+        if on_row is not None:
+            on_row(rows)
         print(
             f"{configuration.name} seed {seed} eval @ iteration {iteration} ({train_s:.0f} s): sampled "
             f"{metrics['reward_sampled']:+.3f}, greedy {metrics['reward_greedy']:+.3f}, KL {metrics['kl']:.2f} "
@@ -447,8 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     started, rows = time.perf_counter(), []
     for seed in args.seeds:  # seeds outermost: a drift of the machine's speed hits every configuration alike
         for configuration in configurations:
-            rows += run(configuration, args, seed, eval_prompts)
-            write_csv(rows, csv_path)
+            # the CSV is rewritten after every evaluation: a run stopped part-way keeps what it measured
+            def save(new: list[dict], done: list[dict] = rows) -> None:
+                write_csv(done + new, csv_path)
+
+            rows += run(configuration, args, seed, eval_prompts, on_row=save)
             gc.collect()  # the run's models (SB3 holds reference cycles) before the next one loads its own
 
     budget = " and ".join(
