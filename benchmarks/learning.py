@@ -34,7 +34,8 @@ seed. ``--threads 1`` lets two benchmark processes share a 2-core machine (more 
 Output (``--out``): ``learning.csv`` (one row per configuration x seed x evaluation point, rewritten after each
 evaluation: ``config``, ``seed``, ``iteration``, ``train_seconds``, ``tokens`` generated so far,
 ``seconds_per_iteration`` (mean so far), ``eval_seconds``, the numbers of the
-:class:`~sb3_textrl.common.evaluation.EvaluationResult` and ``gain_sampled``, ``gain_sampled_ci95``: the gain since the start with its 95 % interval over prompts, paired),
+:class:`~sb3_textrl.common.evaluation.EvaluationResult` and ``gain_sampled``, ``gain_sampled_ci95``: the gain since
+the start with its 95 % interval over prompts, paired),
 ``learning.png`` (held-out sampled reward against training seconds: per configuration the mean over seeds, a band from
 the lowest to the highest seed, each evaluation a dot) and ``summary.md``, the table also printed: per configuration
 the held-out gain (after - before, sampled and greedy) as the mean over seeds +- a 95 % t interval, the gain's
