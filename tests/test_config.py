@@ -222,6 +222,22 @@ def test_resume_fixed_args_come_from_the_metadata():
             check_resume_args(current, saved, prompts, prompts)
 
 
+def test_resume_of_a_checkpoint_from_before_whole_episodes():
+    """A checkpoint without ``whole_episodes`` ran with cut episodes: it resumes with --no-whole-episodes only (GRPO and
+    RLOO, whose groups are whole either way, resume as before)."""
+    prompts = ["Write one sentence about rain."]
+
+    def saved(job):
+        args = {k: v for k, v in dataclasses.asdict(job).items() if k != "whole_episodes"}
+        return dict(args=args, prompts=prompts, eval_prompts=prompts)
+
+    with pytest.raises(ValueError, match="`--whole-episodes` was False in the checkpointed run, got True"):
+        check_resume_args(TrainConfig(), saved(TrainConfig()), prompts, prompts)
+    check_resume_args(TrainConfig(whole_episodes=False), saved(TrainConfig()), prompts, prompts)
+    grpo = TrainConfig(algo="grpo", group_size=4)
+    check_resume_args(grpo, saved(grpo), prompts, prompts)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
