@@ -57,7 +57,7 @@ def test_empty_observations_copies():
 
 def test_policy_runs_nothing_for_an_empty_observation(tiny_llama_path):
     env = whole_episode_env(tiny_llama_path)
-    model = PPO("LMPolicy", env, n_steps=MAX_NEW_TOKENS, batch_size=8, seed=0, device="cpu")
+    model = PPO("LMPolicy", env, n_steps=MAX_NEW_TOKENS, batch_size=12, seed=0, device="cpu")
     policy = model.policy
     policy.set_training_mode(False)
     obs = env.reset()
