@@ -30,6 +30,10 @@ SEED_ENVS = ["sb3_textrl/LinearToy-v0", "sb3_textrl/TokenMatch-v0"]
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
+GROUPED = "sb3_textrl.common.group_vec_env.GroupedVecEnv"
+WHOLE_EPISODES = "sb3_textrl.common.whole_episodes.WholeEpisodeVecEnv"
+
+
 def zoo_command(script: str, algo: str, env_id: str, *args: str) -> list[str]:
     """``python -m rl_zoo3.<script>`` on CPU, one thread, with the sb3_textrl hooks."""
     return [
@@ -196,26 +200,28 @@ def test_algo_hyperparams_files(algo: str):
     assert len(text["env_kwargs"]["prompts"]) == 48 and text["n_envs"] == 16 and text["n_timesteps"] == 7680
 
 
+def train_tiny_main_job(tmp_path: Path, tiny_path: str, algo: str, command, n_envs: int, wrapper: str, **wrapper_kwargs):
+    """``<algo>.yml``'s main-job entry shrunk to ``n_envs`` envs x 4 tokens on the tiny LM (its last vec-env wrapper,
+    ``wrapper``, given ``wrapper_kwargs``), trained by the zoo with evaluations; returns the run's folder."""
+    hyperparams = {TEXT_ENV: yaml.safe_load((HYPERPARAMS / f"{algo}.yml").read_text())[TEXT_ENV]}
+    entry = hyperparams[TEXT_ENV]
+    entry.update(n_envs=n_envs, n_timesteps=32, n_steps=4, batch_size=8)
+    entry["vec_env_wrapper"][1][wrapper].update(wrapper_kwargs)
+    entry["env_kwargs"].update(model_name_or_path=tiny_path, max_new_tokens=4, prompts=entry["env_kwargs"]["prompts"][:4])
+    conf = tmp_path / f"{algo}_tiny.yml"
+    conf.write_text(yaml.safe_dump(hyperparams))
+    run_zoo(command("train", algo, TEXT_ENV, "--conf-file", str(conf), "-f", "logs", "--seed", "0", "--eval-freq", "16",
+                    "--eval-episodes", "2"), tmp_path)  # fmt: skip
+    run_dir = tmp_path / "logs" / algo / "sb3_textrl-TextGeneration-v0_1"
+    for name in ("sb3_textrl-TextGeneration-v0.zip", "best_model.zip", "evaluations.npz"):
+        assert (run_dir / name).is_file(), name
+    return run_dir
+
+
 def test_grpo_train_and_enjoy(tmp_path: Path, tiny_llama_path: str):
     """grpo.yml shrunk to 4 envs in groups of 2 x 4 tokens: the zoo trains GRPO on the grouped env, evaluates on an
     ungrouped one, and enjoy replays it."""
-    hyperparams = yaml.safe_load((HYPERPARAMS / "grpo.yml").read_text())
-    entry = hyperparams[TEXT_ENV]
-    entry.update(n_envs=4, n_timesteps=32, n_steps=4, batch_size=8)
-    entry["vec_env_wrapper"][1]["sb3_textrl.common.group_vec_env.GroupedVecEnv"]["group_size"] = 2
-    entry["env_kwargs"].update(
-        model_name_or_path=tiny_llama_path, max_new_tokens=4, prompts=entry["env_kwargs"]["prompts"][:4]
-    )
-    conf = tmp_path / "grpo_tiny.yml"
-    conf.write_text(yaml.safe_dump(hyperparams))
-    command = sb3_textrl_zoo_command(
-        "train", "grpo", TEXT_ENV, "--conf-file", str(conf), "-f", "logs", "--seed", "0", "--eval-freq", "16",
-        "--eval-episodes", "2",
-    )  # fmt: skip
-    run_zoo(command, tmp_path)
-    run_dir = tmp_path / "logs" / "grpo" / "sb3_textrl-TextGeneration-v0_1"
-    for name in ("sb3_textrl-TextGeneration-v0.zip", "best_model.zip", "evaluations.npz"):
-        assert (run_dir / name).is_file(), name
+    run_dir = train_tiny_main_job(tmp_path, tiny_llama_path, "grpo", sb3_textrl_zoo_command, 4, GROUPED, group_size=2)
     model = GRPO.load(run_dir / "sb3_textrl-TextGeneration-v0.zip", device="cpu")
     assert isinstance(model.policy, CausalLMActorCriticPolicy) and model.num_timesteps >= 32 and model.n_steps == 4
 
@@ -226,23 +232,6 @@ def test_grpo_train_and_enjoy(tmp_path: Path, tiny_llama_path: str):
 def test_ppo_whole_episodes_train_and_enjoy(tmp_path: Path, tiny_llama_path: str):
     """ppo.yml shrunk to 2 envs x 4 tokens: the stock zoo trains PPO on rounds of whole episodes (WholeEpisodeVecEnv
     from the YAML), evaluates on independent episodes, and enjoy replays it."""
-    hyperparams = yaml.safe_load((HYPERPARAMS / "ppo.yml").read_text())
-    hyperparams = {TEXT_ENV: hyperparams[TEXT_ENV]}
-    entry = hyperparams[TEXT_ENV]
-    entry.update(n_envs=2, n_timesteps=32, n_steps=4, batch_size=8)
-    entry["vec_env_wrapper"][1]["sb3_textrl.common.whole_episodes.WholeEpisodeVecEnv"]["round_steps"] = 4
-    entry["env_kwargs"].update(
-        model_name_or_path=tiny_llama_path, max_new_tokens=4, prompts=entry["env_kwargs"]["prompts"][:4]
-    )
-    conf = tmp_path / "ppo_tiny.yml"
-    conf.write_text(yaml.safe_dump(hyperparams))
-    command = zoo_command(
-        "train", "ppo", TEXT_ENV, "--conf-file", str(conf), "-f", "logs", "--seed", "0", "--eval-freq", "16",
-        "--eval-episodes", "2",
-    )  # fmt: skip
-    run_zoo(command, tmp_path)
-    run_dir = tmp_path / "logs" / "ppo" / "sb3_textrl-TextGeneration-v0_1"
-    for name in ("sb3_textrl-TextGeneration-v0.zip", "best_model.zip", "evaluations.npz"):
-        assert (run_dir / name).is_file(), name
+    train_tiny_main_job(tmp_path, tiny_llama_path, "ppo", zoo_command, 2, WHOLE_EPISODES, round_steps=4)
     out = run_zoo(zoo_command("enjoy", "ppo", TEXT_ENV, "-f", "logs", "--no-render", "-n", "12"), tmp_path)
     assert "Mean reward:" in out
