@@ -19,7 +19,9 @@ The configurations (each run in turn per seed, in this process, each from a fres
   (``base=plain``). For ``library`` a key is a :class:`~sb3_textrl.config.TrainConfig` field (``learning_rate``,
   ``vf_coef``, ``n_epochs``, ``batch_size``...), ``policy.KEY`` a policy keyword (``policy.lean_activations=False``)
   or else a keyword of the algorithm (``target_kl``, ``clip_range_vf``, ``normalize_advantage``); for ``plain`` a field
-  of ``PlainPPOArgs``. Values are Python literals (``3e-5``, ``False``, ``None``), else strings.
+  of ``PlainPPOArgs``. Values are Python literals (``3e-5``, ``False``, ``None``), else strings. ``iterations=N`` gives
+  the row its own budget in iterations (algorithms whose iterations take different times, compared at equal seconds:
+  ``--config grpo:algo=grpo,group_size=4,iterations=25``).
 
 Training runs in iterations (one PPO rollout + update) until ``--iterations`` or ``--budget-seconds`` of training
 time, whichever comes first (the last iteration may end past the budget). The held-out evaluation,
@@ -101,6 +103,7 @@ class Configuration:
     name: str
     base: str = "library"
     overrides: dict[str, Any] = field(default_factory=dict)
+    iterations: int | None = None  # this row's own budget (``--iterations`` otherwise): equal seconds at unequal speeds
 
 
 def parse_configuration(text: str) -> Configuration:
@@ -124,7 +127,10 @@ def parse_configuration(text: str) -> Configuration:
     base = overrides.pop("base", "library")
     if base not in BASES:
         raise argparse.ArgumentTypeError(f"`--config {text}`: base={base!r}, use one of {BASES}.")
-    return Configuration(name, base, overrides)
+    iterations = overrides.pop("iterations", None)
+    if iterations is not None and not (isinstance(iterations, int) and iterations >= 1):
+        raise argparse.ArgumentTypeError(f"`--config {text}`: iterations={iterations!r}, give a whole number >= 1.")
+    return Configuration(name, base, overrides, iterations)
 
 
 def library_settings(configuration: Configuration, model: str, seed: int) -> tuple[TrainConfig, dict, dict]:
@@ -160,8 +166,9 @@ class LibraryRun:
         return self.model.policy  # type: ignore[return-value]
 
     def iteration(self) -> dict[str, float]:
-        steps = self.model.n_steps * self.model.n_envs
-        self.model.learn(steps, callback=self.callbacks, reset_num_timesteps=self.tokens == 0, progress_bar=False)
+        # one timestep past the count so far: exactly one rollout and its update, whatever a rollout counts (GRPO and
+        # RLOO count real tokens only, fewer than n_steps x n_envs)
+        self.model.learn(1, callback=self.callbacks, reset_num_timesteps=self.tokens == 0, progress_bar=False)
         self.tokens = self.model.num_timesteps
         return {"score": self.history.history[-1]["score"], "kl": self.history.history[-1]["kl"]}
 
@@ -280,8 +287,10 @@ def run(
             flush=True,
         )
 
+    iterations = configuration.iterations or args.iterations
+
     def done() -> bool:
-        return (args.iterations is not None and iteration >= args.iterations) or (
+        return (iterations is not None and iteration >= iterations) or (
             args.budget_seconds is not None and train_s >= args.budget_seconds
         )
 

@@ -80,7 +80,7 @@ class TrainConfig:
             "fixed_on_resume": True,
         },
     )
-    total_timesteps: int = field(default=7_680, metadata={"help": "training budget in generated tokens (env steps)"})
+    total_timesteps: int = field(default=15_360, metadata={"help": "training budget in generated tokens (env steps)"})
     max_new_tokens: int = field(default=24, metadata={"help": "completion length limit (tokens)", "fixed_on_resume": True})
     n_envs: int = field(
         default=16, metadata={"help": "parallel environments (completions per rollout step)", "fixed_on_resume": True}

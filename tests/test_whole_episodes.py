@@ -6,9 +6,11 @@ import torch as th
 from conftest import PROMPTS, letter_fraction
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_textrl.common.buffers import EpisodeRolloutBuffer
 from sb3_textrl.common.callbacks import KLPenaltyCallback
+from sb3_textrl.common.group_vec_env import GroupMemberWrapper
 from sb3_textrl.common.training_checkpoints import AtomicCheckpointCallback, load_checkpoint
 from sb3_textrl.common.vec_env import make_text_vec_env
 from sb3_textrl.common.whole_episodes import WholeEpisodeVecEnv, empty_observations
@@ -132,6 +134,9 @@ def test_bad_inputs(tiny_llama_path):
         WholeEpisodeVecEnv(plain, round_steps=4)
     with pytest.raises(ValueError, match="`round_steps`"):
         WholeEpisodeVecEnv(whole_episode_env(tiny_llama_path).venv, round_steps=0)
+    box_obs = make_vec_env("sb3_textrl/LinearToy-v0", n_envs=2, wrapper_class=GroupMemberWrapper)
+    with pytest.raises(ValueError, match="empty `attention_mask`, which Box"):  # no token observations to empty
+        WholeEpisodeVecEnv(box_obs, round_steps=4)
     short = WholeEpisodeVecEnv(whole_episode_env(tiny_llama_path).venv, round_steps=2)
     short.reset()
     short.step(np.array([70, 70, 70]))

@@ -20,6 +20,7 @@ from stable_baselines3 import PPO  # noqa: E402
 
 from sb3_textrl import GRPO, REINFORCE, RLOO, zoo  # noqa: E402
 from sb3_textrl.common.buffers import EpisodeRolloutBuffer  # noqa: E402
+from sb3_textrl.config import TrainConfig  # noqa: E402
 from sb3_textrl.policies import CausalLMActorCriticPolicy  # noqa: E402
 
 HYPERPARAMS = Path(__file__).resolve().parents[1] / "examples" / "hyperparams"
@@ -149,7 +150,8 @@ def test_hyperparams_files(algo: str):
         assert env_id in gym.registry and {"policy", "n_timesteps", "n_envs"} <= set(entry)
     text = hyperparams[TEXT_ENV]
     assert text["policy"] == "LMPolicy" and text["env_kwargs"]["model_name_or_path"] == "smollm2-135m-instruct"
-    assert len(text["env_kwargs"]["prompts"]) == 48 and text["n_envs"] == 16 and text["n_timesteps"] == 7680
+    assert len(text["env_kwargs"]["prompts"]) == 48 and text["n_envs"] == 16
+    assert text["n_timesteps"] == TrainConfig().total_timesteps
 
 
 @pytest.mark.expensive
@@ -197,7 +199,8 @@ def test_algo_hyperparams_files(algo: str):
     assert set(hyperparams) == {TEXT_ENV}
     text = hyperparams[TEXT_ENV]
     assert text["policy"] == "LMPolicy" and text["env_kwargs"]["model_name_or_path"] == "smollm2-135m-instruct"
-    assert len(text["env_kwargs"]["prompts"]) == 48 and text["n_envs"] == 16 and text["n_timesteps"] == 7680
+    assert len(text["env_kwargs"]["prompts"]) == 48 and text["n_envs"] == 16
+    assert text["n_timesteps"] == TrainConfig().total_timesteps
 
 
 def train_tiny_main_job(tmp_path: Path, tiny_path: str, algo: str, command, n_envs: int, wrapper: str, **wrapper_kwargs):
