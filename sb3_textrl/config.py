@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sb3_textrl import distributed
+from sb3_textrl.common.group_vec_env import check_group_size
 from sb3_textrl.common.validation import check_rollout_size
 from sb3_textrl.envs.prompts import packaged_prompts
 
@@ -286,17 +287,7 @@ class TrainConfig:
                 f"`--algo {self.algo}` compares the completions of each prompt: give `--group-size`, the completions per "
                 "prompt (G >= 2, dividing --n-envs), e.g. --group-size 4 with --n-envs 16."
             )
-        if self.group_size < 2:
-            raise ValueError(
-                f"`--group-size` must be at least 2 for --algo {self.algo} (each completion is compared with the others "
-                f"of its prompt), got {self.group_size}: e.g. --group-size 4 with --n-envs 16."
-            )
-        if self.n_envs % self.group_size != 0:
-            suggestion = self.group_size * max(1, round(self.n_envs / self.group_size))
-            raise ValueError(
-                f"`--n-envs` ({self.n_envs}) must be a multiple of `--group-size` ({self.group_size}): the envs form "
-                f"n_envs / group_size groups. Use --n-envs {suggestion}, or a --group-size that divides {self.n_envs}."
-            )
+        check_group_size(self.group_size, self.n_envs, names=("--group-size", "--n-envs"))
         if self.n_steps is not None and self.n_steps < self.max_new_tokens:
             raise ValueError(
                 f"`--n-steps` ({self.n_steps}) must be at least `--max-new-tokens` ({self.max_new_tokens}) for --algo "

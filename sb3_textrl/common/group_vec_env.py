@@ -35,23 +35,25 @@ __all__ = [
 _GROUP_OPTION = "group"
 
 
-def check_group_size(group_size: int, n_envs: int) -> None:
+def check_group_size(group_size: int, n_envs: int, names: tuple[str, str] = ("group_size", "n_envs")) -> None:
     """
     Check that ``n_envs`` environments form whole groups of ``group_size``.
 
     :param group_size: episodes per prompt
     :param n_envs: number of environments
+    :param names: how the two arguments are called where they were given (e.g. the CLI's ``--group-size``)
     :raises ValueError: if ``group_size`` is not an integer >= 2 or does not divide ``n_envs``
     """
+    size, envs = names
     if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 2:
         raise ValueError(
-            f"`group_size` must be an integer >= 2 (completions per prompt: a group baseline needs at least two), "
-            f"got {group_size!r}."
+            f"`{size}` must be an integer >= 2 (completions per prompt: a group baseline needs at least two), "
+            f"got {group_size!r}: e.g. {size}=4 with {envs}=16."
         )
     if n_envs % group_size != 0:
         raise ValueError(
-            f"`group_size` ({group_size}) must divide `n_envs` ({n_envs}): the envs form n_envs / group_size groups. "
-            f"Use a multiple of group_size for n_envs, e.g. n_envs={group_size * max(1, round(n_envs / group_size))}."
+            f"`{size}` ({group_size}) must divide `{envs}` ({n_envs}): the envs form {envs} / {size} groups. Use "
+            f"{envs}={group_size * max(1, round(n_envs / group_size))}, or a {size} that divides {n_envs}."
         )
 
 
