@@ -45,6 +45,12 @@ difference from ``plain`` paired by seed (same evaluation draws), the KL to the 
 completion), the reference perplexity and distinct-2 after / before, and the seconds per iteration (and ÷ ``plain``).
 The machine's speed drifts: compare configurations within one run only.
 
+Runs made in separate processes (a seed or a configuration each, ``--threads 1``, several at once) are reported
+together with ``--from-csv runs/a/learning.csv runs/b/learning.csv --out runs/all``: no training, the rows of those
+CSVs (the first run of each configuration x seed), the same table, plot and CSV. Seconds measured with several
+processes at once are not comparable: ``--seconds-per-iteration grpo=9.5 ppo=11.7`` puts a configuration's
+``train_seconds`` on one scale (iterations x seconds per iteration measured on the idle machine).
+
 Cost on a 2-core CPU machine (SmolLM2, one smoke run): an evaluation ~90 s, an iteration ~13 s (library) and ~20 s
 (plain), so the defaults (3 seeds x 2 configurations x 15 min, an evaluation every 10 iterations: ~8 and ~6 per run)
 take about 2.6 hours; ``--eval-every 20`` saves about 25 minutes.
@@ -382,6 +388,45 @@ def summary_table(rows: list[dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+_INT_COLUMNS = ("seed", "iteration", "tokens")
+
+
+def read_csv(paths: list[str]) -> list[dict]:
+    """
+    The rows of ``learning.csv`` files, numbers as numbers; of a configuration x seed found in several files, the
+    first file's run.
+
+    :raises FileNotFoundError: for a path that does not exist
+    """
+    rows: list[dict] = []
+    taken: set[tuple[str, int]] = set()
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as f:
+            found = [{k: _number(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+        runs = {(r["config"], r["seed"]) for r in found}
+        rows += [r for r in found if (r["config"], r["seed"]) not in taken]
+        taken |= runs
+    return rows
+
+
+def _number(column: str, text: str) -> Any:
+    if column in _INT_COLUMNS:
+        return int(float(text))
+    try:
+        return float(text)
+    except ValueError:
+        return text  # the config name, or an empty cell
+
+
+def rescale_seconds(rows: list[dict], seconds_per_iteration: dict[str, float]) -> None:
+    """Set ``train_seconds`` (and ``seconds_per_iteration``) of the named configurations to iterations x the given
+    seconds, in place."""
+    for row in rows:
+        if row["config"] in seconds_per_iteration:
+            row["seconds_per_iteration"] = seconds_per_iteration[row["config"]]
+            row["train_seconds"] = round(row["iteration"] * row["seconds_per_iteration"], 2)
+
+
 def write_csv(rows: list[dict], path: str) -> None:
     columns: list[str] = []
     for row in rows:
@@ -444,7 +489,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="torch device (auto: cuda if available)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default="runs/learning", help="folder for learning.csv, learning.png and summary.md")
+    parser.add_argument("--from-csv", nargs="+", metavar="CSV", help="report these runs' learning.csv files, no training")
+    parser.add_argument(
+        "--seconds-per-iteration", nargs="+", default=[], metavar="NAME=S",
+        help="a configuration's train_seconds = iterations x S (seconds measured on the idle machine)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    try:
+        seconds_per_iteration = {k: float(v) for k, _, v in (item.partition("=") for item in args.seconds_per_iteration)}
+    except ValueError:
+        parser.error(f"`--seconds-per-iteration` takes NAME=SECONDS items, got {args.seconds_per_iteration}.")
+    if args.from_csv:
+        return report(read_csv(args.from_csv), args, seconds_per_iteration)
     if args.budget_seconds is None and args.iterations is None:
         args.budget_seconds = BUDGET_SECONDS
     if args.eval_every < 1:
@@ -474,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += run(configuration, args, seed, eval_prompts, on_row=save)
             gc.collect()  # the run's models (SB3 holds reference cycles) before the next one loads its own
 
+    rescale_seconds(rows, seconds_per_iteration)
     budget = " and ".join(
         ([f"{args.budget_seconds:.0f} training s"] if args.budget_seconds is not None else [])
         + ([f"{args.iterations} iterations"] if args.iterations is not None else [])
@@ -491,6 +548,24 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as f:
         f.write(f"{notes}\n\n{table}\n")
     print(f"\n{notes}\n\n{table}\n\nWrote {csv_path}, {png_path} and summary.md.", flush=True)
+    return 0
+
+
+def report(rows: list[dict], args: argparse.Namespace, seconds_per_iteration: dict[str, float]) -> int:
+    """``--from-csv``: the table, plot and CSV of runs already made."""
+    rescale_seconds(rows, seconds_per_iteration)
+    names = list(dict.fromkeys(r["config"] for r in rows))
+    os.makedirs(args.out, exist_ok=True)
+    seeds = sorted({r["seed"] for r in rows})
+    title = f"{args.model}, seeds {' '.join(map(str, seeds))}"
+    plot(rows, names, os.path.join(args.out, "learning.png"), title)
+    write_csv(rows, os.path.join(args.out, "learning.csv"))
+    table = summary_table(rows, names)
+    sources = ", ".join(args.from_csv)
+    scaled = f"; seconds per iteration set for {', '.join(seconds_per_iteration)}" if seconds_per_iteration else ""
+    with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(f"{title}; from {sources}{scaled}.\n\n{table}\n")
+    print(f"{title}\n\n{table}", flush=True)
     return 0
 
 

@@ -57,15 +57,27 @@ def test_learning_benchmark_smoke(tiny_llama_path, benchmarks_path, tmp_path, ca
     out = tmp_path / "out"
     argv = ["--model", tiny_llama_path, "--seeds", "0", "--iterations", "1", "--eval-samples", "1", "--out", str(out)]
     argv += ["--configs", "library", "plain", "--config", "vf:vf_coef=0.5,n_epochs=1"]
+    argv += ["--config", "grpo:algo=grpo,group_size=2,iterations=2"]  # its own budget: 2 rollouts
     assert learning.main(argv) == 0
     with open(out / "learning.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     # start and end of each configuration
-    assert [(r["config"], r["iteration"]) for r in rows] == [(c, i) for c in ("library", "plain", "vf") for i in "01"]
+    expected = [(c, i) for c in ("library", "plain", "vf") for i in "01"] + [("grpo", "0"), ("grpo", "2")]
+    assert [(r["config"], r["iteration"]) for r in rows] == expected
     assert all(r["seed"] == "0" for r in rows) and float(rows[1]["train_seconds"]) > 0
+    assert int(rows[-1]["tokens"]) == 2 * 16 * 24  # two rounds of 16 completions of 24 tokens (the tiny LM never ends)
     assert (out / "learning.png").stat().st_size > 0
     table = capsys.readouterr().out
-    assert "| library | 1 |" in table and "| vf | 1 |" in table and "| plain | 1 |" in table
+    assert "| library | 1 |" in table and "| vf | 1 |" in table and "| plain | 1 |" in table and "| grpo | 1 | 2.0 |" in table
+
+    # the report of runs made apart: no training, the same table; a configuration's seconds from the idle machine
+    merged = tmp_path / "merged"
+    argv = ["--from-csv", str(out / "learning.csv"), "--out", str(merged), "--seconds-per-iteration", "grpo=10"]
+    assert learning.main(argv) == 0
+    with open(merged / "learning.csv", encoding="utf-8") as f:
+        grpo = [r for r in csv.DictReader(f) if r["config"] == "grpo"]
+    assert [float(r["train_seconds"]) for r in grpo] == [0.0, 20.0]
+    assert "| grpo | 1 | 2.0 | 20 |" in capsys.readouterr().out and (merged / "learning.png").stat().st_size > 0
 
 
 def test_parse_configuration(benchmarks_path):
@@ -81,6 +93,7 @@ def test_parse_configuration(benchmarks_path):
     assert (config.learning_rate, config.kl_estimator, config.seed, config.model) == (3e-5, "k3", 3, "some-model")
     assert policy_kwargs == {"lean_activations": False} and algo_kwargs == {"target_kl": 0.1}
     assert parse_configuration("p:base=plain,learning_rate=2e-5") == Configuration("p", "plain", {"learning_rate": 2e-5})
-    for bad in ("library:vf_coef=1", ":vf_coef=1", "x:vf_coef", "x:base=trl"):
+    assert parse_configuration("g:algo=grpo,iterations=25") == Configuration("g", "library", {"algo": "grpo"}, 25)
+    for bad in ("library:vf_coef=1", ":vf_coef=1", "x:vf_coef", "x:base=trl", "x:iterations=0", "x:iterations=2.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_configuration(bad)
