@@ -184,7 +184,7 @@ class TrainConfig:
         },
     )
     eval_every: int = field(
-        default=10,
+        default=20,
         metadata={
             "help": "also evaluate the held-out prompts every N rollouts during training, as before and after (eval/ keys, "
             "OUTPUT_DIR/eval/samples.md and eval_curves.png, from the before point on); 0 disables"
