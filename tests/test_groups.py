@@ -295,3 +295,20 @@ def test_buffer_keeps_only_real_steps():
     assert sorted(seen) == [0, 1, 10, 11, 12, 20, 30, 31]
     buffer.reset()  # back to the round's capacity
     assert buffer.buffer_size == 4 and buffer.n_envs == 4 and buffer.observations.shape == (4, 4, 1)
+
+
+def test_progress_bar_counts_real_steps():
+    """GRPO's progress bar advances by the steps the algorithm counts (waiting envs not included), SB3's by num_envs."""
+    from stable_baselines3.common.callbacks import CallbackList, ProgressBarCallback
+
+    from sb3_textrl import RLOO
+    from sb3_textrl.common.callbacks import TimestepsProgressBarCallback
+
+    venv = make_group_vec_env(PromptEnv, n_envs=6, group_size=3, seed=0, env_kwargs=dict(n_prompts=4, max_len=5))
+    model = RLOO("MlpPolicy", venv, n_steps=5, seed=0)
+    used = model._init_callback(None, progress_bar=True)
+    assert isinstance(used, CallbackList) and isinstance(used.callbacks[-1], TimestepsProgressBarCallback)
+    stock, real = ProgressBarCallback(), TimestepsProgressBarCallback()
+    model.learn(60, callback=[stock, real])
+    assert real.pbar.n == model.num_timesteps >= 60
+    assert stock.pbar.n > model.num_timesteps  # SB3's counts the waiting envs too (episodes of unequal lengths)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch as th
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, ProgressBarCallback
 
 from sb3_textrl.common.evaluation import EvaluationResult, check_protocol, evaluate_prompts, evaluation_protocol
 from sb3_textrl.common.kl import KL_ESTIMATORS, FixedKLController, estimate_kl
@@ -22,7 +22,15 @@ from sb3_textrl.common.plotting import plot_eval_curves, samples_markdown  # als
 from sb3_textrl.policies import CausalLMActorCriticPolicy
 from sb3_textrl.rewards import RewardFn
 
-__all__ = ["EVAL_KEYS", "EpisodeScores", "KLPenaltyCallback", "LMEvalCallback", "RolloutHistoryCallback", "flat_observations"]
+__all__ = [
+    "EVAL_KEYS",
+    "EpisodeScores",
+    "KLPenaltyCallback",
+    "LMEvalCallback",
+    "RolloutHistoryCallback",
+    "TimestepsProgressBarCallback",
+    "flat_observations",
+]
 
 
 def flat_observations(buffer: RolloutBuffer | DictRolloutBuffer, device: th.device) -> dict[str, th.Tensor] | th.Tensor:
@@ -73,6 +81,25 @@ class EpisodeScores:
     def clear(self) -> None:
         """Forget the episodes kept."""
         self.scores, self.terms = [], {}
+
+
+class TimestepsProgressBarCallback(ProgressBarCallback):
+    """
+    SB3's progress bar (``learn(progress_bar=True)``), advanced by what the model's ``num_timesteps`` grew rather than by
+    ``num_envs`` per step: right for algorithms that count only some envs' steps (GRPO and RLOO count the real tokens of
+    a round, not the envs waiting for its end), so the bar ends at the budget.
+
+    :raises ImportError: without ``tqdm`` and ``rich`` (as SB3's bar)
+    """
+
+    def _on_training_start(self) -> None:
+        super()._on_training_start()
+        self._counted = self.model.num_timesteps
+
+    def _on_step(self) -> bool:
+        self.pbar.update(self.model.num_timesteps - self._counted)
+        self._counted = self.model.num_timesteps
+        return True
 
 
 class KLPenaltyCallback(BaseCallback):

@@ -11,13 +11,14 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, ConvertCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticCnnPolicy, ActorCriticPolicy, BasePolicy, MultiInputActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule, TensorDict
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_textrl.common.callbacks import TimestepsProgressBarCallback
 from sb3_textrl.common.group_advantages import frac_zero_std
 from sb3_textrl.common.group_buffers import GROUP_BUFFERS, DictGroupRolloutBuffer, GroupRolloutBuffer
 from sb3_textrl.common.group_vec_env import GroupedVecEnv
@@ -318,6 +319,15 @@ class GroupOnPolicyAlgorithm(OnPolicyAlgorithm):
             actions = buffer.to_torch(buffer.actions[rows, 0]).reshape(-1)
             ref[rows] = self.policy.reference_log_prob(buffer.observations_at(rows), actions).float().cpu().numpy()  # type: ignore[operator]
         buffer.ref_log_probs = ref
+
+    def _init_callback(self, callback: MaybeCallback, progress_bar: bool = False) -> BaseCallback:
+        """SB3's, with a progress bar that counts real steps (:class:`TimestepsProgressBarCallback`): SB3's own adds
+        ``num_envs`` per step, waiting envs included, and would run past the budget."""
+        if progress_bar:
+            callbacks = callback if isinstance(callback, list) else [] if callback is None else [callback]
+            callbacks = [c if isinstance(c, BaseCallback) else ConvertCallback(c) for c in callbacks]
+            callback = [*callbacks, TimestepsProgressBarCallback()]
+        return super()._init_callback(callback, progress_bar=False)
 
     def learn(
         self: SelfGroupAlgorithm,
