@@ -220,7 +220,9 @@ def _evaluate_before(run: _Run, model: OnPolicyAlgorithm) -> EvaluationResult | 
 
 class _GroupDrawsCallback(BaseCallback):
     """Checkpoints the prompt draws of a ``GroupedVecEnv`` (GRPO, RLOO) as they stood before the next round (drawn before
-    the checkpoint's boundary), so that a resumed run plays the rounds the interrupted one would have played."""
+    the checkpoint's boundary), so that a resumed run plays the rounds the interrupted one would have played. The
+    checkpoints' env state holds them too now; this callback stays so that checkpoints written before can resume (their
+    callback states name it)."""
 
     def __init__(self, env: GroupedVecEnv):
         super().__init__()

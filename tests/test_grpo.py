@@ -360,3 +360,29 @@ def test_load_keeps_the_saved_n_steps(tiny_llama_path, tmp_path):
     env = make_group_vec_env(TEXT_ID, n_envs=2, group_size=2, seed=0, env_kwargs=text_env_kwargs(tiny_llama_path, 70))
     GRPO(LMPolicy, env, n_steps=70, policy_kwargs=dict(use_reference_model=False)).save(tmp_path / "grpo.zip")
     assert GRPO.load(tmp_path / "grpo.zip", env=env).n_steps == 70
+
+
+def test_resume_of_a_grouped_run_is_exact(tiny_llama_path, tmp_path):
+    """A checkpoint of GRPO falls on a round's end; resuming draws the same prompts as the uninterrupted run (the
+    GroupedVecEnv's draws are checkpointed), so the weights come out the same."""
+    from sb3_textrl.common.training_checkpoints import AtomicCheckpointCallback, load_checkpoint
+
+    def env(seed):
+        return make_text_vec_env(n_envs=4, seed=seed, env_kwargs=text_env_kwargs(tiny_llama_path), group_size=2)
+
+    def run(total, checkpoint_dir=None, resume_from=None):
+        kl = KLPenaltyCallback(kl_coef=0.1)
+        if resume_from is None:
+            model = GRPO("LMPolicy", env(0), n_steps=3, batch_size=6, n_epochs=2, learning_rate=1e-3, seed=0, device="cpu")
+        else:  # another seed for the new env: what it would draw is replaced by the checkpoint's state
+            model, _ = load_checkpoint(resume_from, env=env(9), callbacks=[kl])
+        callbacks = [kl] + ([AtomicCheckpointCallback(1, str(checkpoint_dir), callbacks=[kl])] if checkpoint_dir else [])
+        model.learn(total - model.num_timesteps, callback=CallbackList(callbacks), reset_num_timesteps=resume_from is None)
+        return {k: v.detach().clone() for k, v in model.policy.state_dict().items()}
+
+    rollout = 4 * 3  # 4 envs x 3 tokens: the tiny LM never ends a completion early
+    uninterrupted = run(4 * rollout, checkpoint_dir=tmp_path)
+    resumed = run(4 * rollout, resume_from=str(tmp_path / f"rl_model_{2 * rollout}_steps.zip"))  # after 2 rounds
+    assert uninterrupted.keys() == resumed.keys()
+    for key in uninterrupted:
+        assert th.equal(uninterrupted[key], resumed[key]), key

@@ -10,6 +10,7 @@ for text generation.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from typing import Any
@@ -174,6 +175,7 @@ class GroupedVecEnv(VecEnvWrapper):
         self.n_rounds = 0
         self._round_steps = 0
         self._next_group = 0
+        self._before_round: dict[str, Any] | None = None  # the draws' state before this round was drawn
         self._actions: np.ndarray | None = None
 
     @property
@@ -182,9 +184,18 @@ class GroupedVecEnv(VecEnvWrapper):
         return bool(self.running.all()) and self._round_steps == 0 and self.n_rounds > 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The state of the draws and of the group ids, to resume a run with the same prompts (see
-        :meth:`load_state_dict`)."""
-        return {"rng": self._rng.bit_generator.state, "queue": self._queue.copy(), "next_group": self._next_group}
+        """
+        The state of the draws and of the group ids from which the next round not yet played is drawn, to resume a run
+        with the same prompts (see :meth:`load_state_dict`): at a round's start (:attr:`at_round_start`, as when SB3
+        checkpoints at a rollout's start) that round's own, so that a resumed run plays it again.
+        """
+        if self.at_round_start and self._before_round is not None:
+            return copy.deepcopy(self._before_round)
+        return self._draw_state()
+
+    def _draw_state(self) -> dict[str, Any]:
+        rng = copy.deepcopy(self._rng.bit_generator.state)
+        return {"rng": rng, "queue": self._queue.copy(), "next_group": self._next_group}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Put back what :meth:`state_dict` returned (the next :meth:`reset` then draws as the saved run would)."""
@@ -213,6 +224,7 @@ class GroupedVecEnv(VecEnvWrapper):
 
         :return: the first observations, one for each env
         """
+        self._before_round = self._draw_state()
         starts = self._draw_starts()
         group_ids = self._next_group + np.arange(self.n_groups, dtype=np.int64)
         self._next_group += self.n_groups

@@ -6,7 +6,8 @@ the algorithm's own zip (``PPO.load`` reads it as usual) plus one member, ``sb3_
 
 - the state of the callbacks given (the KL controller's coefficient, the rollout history);
 - the RNG streams: Python's ``random``, NumPy's global generator (minibatch order), torch's (token sampling; CUDA's
-  too when initialised), and each environment's ``np_random`` (prompt choice);
+  too when initialised), each environment's ``np_random`` (prompt choice) and a ``GroupedVecEnv``'s prompt draws
+  (GRPO, RLOO);
 - the episodes in flight: the attributes each environment lists in ``episode_state_attrs`` (``TextGenerationEnv``:
   its prompt and tokens so far) and the ``Monitor``'s rewards, with the algorithm's ``_last_obs`` and
   ``_last_episode_starts``;

@@ -98,12 +98,26 @@ def _episode_attrs(env: VecEnv) -> tuple[str, ...] | None:
     return names.pop() if len(names) == 1 else None
 
 
+def _stateful_vec_env(env: VecEnv) -> VecEnv | None:
+    """The VecEnv of ``env``'s wrapper chain that keeps a state of its own (``state_dict``/``load_state_dict``: the
+    prompt draws of a :class:`~sb3_textrl.common.group_vec_env.GroupedVecEnv`), or ``None``."""
+    while isinstance(env, VecEnv):
+        if callable(getattr(type(env), "state_dict", None)) and callable(getattr(type(env), "load_state_dict", None)):
+            return env
+        env = getattr(env, "venv", None)  # type: ignore[assignment]
+    return None
+
+
 def capture_env_state(env: VecEnv) -> dict[str, Any]:
-    """Each environment's ``np_random`` state and, for environments that list them, the episodes in flight."""
+    """Each environment's ``np_random`` state, the ``state_dict()`` of a VecEnv in the wrapper chain that has one (a
+    ``GroupedVecEnv``'s prompt draws) and, for environments that list them, the episodes in flight."""
     state: dict[str, Any] = {
         "n_envs": env.num_envs,
         "np_random": [copy.deepcopy(generator.bit_generator.state) for generator in env.get_attr("np_random")],
     }
+    stateful = _stateful_vec_env(env)
+    if stateful is not None:
+        state["vec_env"] = copy.deepcopy(stateful.state_dict())  # type: ignore[attr-defined]
     names = _episode_attrs(env)
     if names is not None:
         state["episodes"] = {name: copy.deepcopy(env.get_attr(name)) for name in names}
@@ -114,8 +128,9 @@ def capture_env_state(env: VecEnv) -> dict[str, Any]:
 
 def restore_env_state(env: VecEnv, state: dict[str, Any]) -> tuple[Any, bool]:
     """
-    Reset the environments (this consumes the seeds a freshly loaded model set), then put back each ``np_random`` and,
-    when the environments list the same episode attributes as at the checkpoint, the episodes in flight.
+    Reset the environments (this consumes the seeds a freshly loaded model set), then put back each ``np_random``, the
+    wrapper chain's own state (a ``GroupedVecEnv``'s prompt draws) and, when the environments list the same episode
+    attributes as at the checkpoint, the episodes in flight.
 
     :return: the observations of the reset, and whether the episodes in flight were restored
     :raises ValueError: if the number of environments differs from the checkpoint's
@@ -126,6 +141,9 @@ def restore_env_state(env: VecEnv, state: dict[str, Any]) -> tuple[Any, bool]:
             f"resume with n_envs={state['n_envs']}."
         )
     observations = env.reset()
+    stateful = _stateful_vec_env(env)
+    if stateful is not None and "vec_env" in state:  # after the reset, which drew from the new env's own state
+        stateful.load_state_dict(state["vec_env"])  # type: ignore[attr-defined]
     names = _episode_attrs(env)
     restored = "episodes" in state and names is not None and set(names) == set(state["episodes"])
     if "episodes" in state and not restored:
