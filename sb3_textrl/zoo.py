@@ -15,7 +15,8 @@ Passing ``--gym-packages sb3_textrl.zoo`` to ``python -m rl_zoo3.train`` imports
   when the policy is ``LMPolicy``. The zoo's own samplers draw ``n_steps`` up to 4096, ``n_epochs`` up to 20 and
   learning rates up to 2e-3, and replace the YAML's whole ``policy_kwargs`` with ``net_arch``/``activation_fn`` (which
   ``LMPolicy`` ignores). The LM samplers leave ``n_steps``, ``batch_size``, ``gamma`` and ``policy_kwargs`` as the YAML
-  sets them. Other policies (``MlpPolicy`` on ``LinearToy-v0``...) keep the zoo's samplers.
+  sets them. Other policies (``MlpPolicy`` on ``LinearToy-v0``...) keep the zoo's samplers. GRPO, RLOO and REINFORCE,
+  which the zoo has no sampler for, get :func:`sample_grpo_params` and :func:`sample_reinforce_params`.
 - The zoo's ``ALGOS`` get ``grpo``, ``rloo`` and ``reinforce`` (:data:`ZOO_ALGOS`). rl_zoo3 2.9.2 checks ``--algo``
   against ``ALGOS`` before it imports ``--gym-packages``, so these run through this module's command line, which
   installs the hooks first and then runs the zoo's own (:func:`main`)::
@@ -57,6 +58,7 @@ __all__ = [
     "LM_POLICY_NAMES",
     "LM_SAMPLERS",
     "ZOO_ALGOS",
+    "ZOO_ALGO_SAMPLERS",
     "Sampler",
     "convert_lm_params",
     "install",
@@ -64,7 +66,9 @@ __all__ = [
     "main",
     "resolve_rollout_buffer",
     "sample_a2c_lm_params",
+    "sample_grpo_params",
     "sample_ppo_lm_params",
+    "sample_reinforce_params",
     "strip_group_wrappers",
     "uses_lm_policy",
 ]
@@ -180,6 +184,48 @@ def sample_a2c_lm_params(trial: optuna.Trial, n_actions: int, n_envs: int, addit
     return _sample_lm_common(trial)
 
 
+def _learning_rate(trial: optuna.Trial) -> float:
+    # LM fine-tuning steps are small; a small network (MlpPolicy on the toy tasks) takes the zoo's usual range
+    low, high = (1e-6, 1e-4) if uses_lm_policy else (1e-5, 1e-2)
+    return trial.suggest_float("learning_rate", low, high, log=True)
+
+
+def sample_grpo_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """
+    Optuna sampler for GRPO (the zoo has none): ``learning_rate`` (log; in [1e-6, 1e-4] for ``LMPolicy``, [1e-5, 1e-2]
+    otherwise), ``n_epochs`` in {1, 2, 4}, ``clip_range`` in {0.1, 0.2, 0.3}, ``scale_rewards`` in {group, batch,
+    none}, ``loss_type`` in {grpo, dr_grpo, dapo}, ``ent_coef`` in {0, 1e-3, 1e-2} and ``max_grad_norm`` in
+    {0.5, 1, 2}. ``n_steps``, ``batch_size``, ``beta`` and ``policy_kwargs`` come from the YAML.
+    """
+    return {
+        "learning_rate": _learning_rate(trial),
+        "n_epochs": trial.suggest_categorical("n_epochs", [1, 2, 4]),
+        "clip_range": trial.suggest_categorical("clip_range", [0.1, 0.2, 0.3]),
+        "scale_rewards": trial.suggest_categorical("scale_rewards", ["group", "batch", "none"]),
+        "loss_type": trial.suggest_categorical("loss_type", ["grpo", "dr_grpo", "dapo"]),
+        "ent_coef": trial.suggest_categorical("ent_coef", [0.0, 1e-3, 1e-2]),
+        "max_grad_norm": trial.suggest_categorical("max_grad_norm", [0.5, 1.0, 2.0]),
+    }
+
+
+def sample_reinforce_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """Optuna sampler for RLOO and REINFORCE (the zoo has none): ``learning_rate`` as :func:`sample_grpo_params`,
+    ``ent_coef`` in {0, 1e-3, 1e-2} and ``max_grad_norm`` in {0.5, 1, 2}."""
+    return {
+        "learning_rate": _learning_rate(trial),
+        "ent_coef": trial.suggest_categorical("ent_coef", [0.0, 1e-3, 1e-2]),
+        "max_grad_norm": trial.suggest_categorical("max_grad_norm", [0.5, 1.0, 2.0]),
+    }
+
+
+#: the samplers :func:`install` gives ``--optimize`` for the algorithms the zoo does not ship
+ZOO_ALGO_SAMPLERS: dict[str, Sampler] = {
+    "grpo": sample_grpo_params,
+    "rloo": sample_reinforce_params,
+    "reinforce": sample_reinforce_params,
+}
+
+
 def convert_lm_params(params: dict[str, Any]) -> dict[str, Any]:
     """The hyperparameters of a trial sampled by an LM sampler (for ``--trial-id``): its params, unchanged."""
     return dict(params)
@@ -265,7 +311,8 @@ def _install_groups() -> None:
 
 def install() -> None:
     """Patch the zoo (idempotent): resolve rollout-buffer strings, use the LM samplers for ``LMPolicy``, add GRPO, RLOO
-    and REINFORCE to ``ALGOS``, and build the evaluation env (and ``enjoy``'s) without group wrappers."""
+    and REINFORCE to ``ALGOS`` (with samplers for ``--optimize``), and build the evaluation env (and ``enjoy``'s)
+    without group wrappers."""
     for algo, lm_sampler in LM_SAMPLERS.items():
         stock = hyperparams_opt.HYPERPARAMS_SAMPLER[algo]
         if not getattr(stock, "_sb3_textrl_dispatch", False):
@@ -273,6 +320,9 @@ def install() -> None:
         stock_converter = hyperparams_opt.HYPERPARAMS_CONVERTER[algo]
         if not getattr(stock_converter, "_sb3_textrl_dispatch", False):
             hyperparams_opt.HYPERPARAMS_CONVERTER[algo] = _dispatch_converter(stock_converter)
+    for algo, sampler in ZOO_ALGO_SAMPLERS.items():
+        hyperparams_opt.HYPERPARAMS_SAMPLER.setdefault(algo, sampler)
+        hyperparams_opt.HYPERPARAMS_CONVERTER.setdefault(algo, convert_lm_params)
     _install_preprocess()
     _install_groups()
 

@@ -4,6 +4,7 @@ zoo's own command lines on a tiny random LM, and GRPO through ``python -m sb3_te
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import re
 import subprocess
@@ -238,3 +239,21 @@ def test_ppo_whole_episodes_train_and_enjoy(tmp_path: Path, tiny_llama_path: str
     train_tiny_main_job(tmp_path, tiny_llama_path, "ppo", zoo_command, 2, WHOLE_EPISODES, round_steps=4)
     out = run_zoo(zoo_command("enjoy", "ppo", TEXT_ENV, "-f", "logs", "--no-render", "-n", "12"), tmp_path)
     assert "Mean reward:" in out
+
+
+def test_group_algorithm_samplers(monkeypatch):
+    """--optimize has samplers for GRPO, RLOO and REINFORCE (the zoo has none): SB3 argument names, LM-sized learning
+    rates for LMPolicy, and a trial's params are its hyperparameters."""
+    from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER, HYPERPARAMS_SAMPLER
+
+    zoo.install()  # idempotent
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for uses_lm, high in ((True, 1e-4), (False, 1e-2)):
+        monkeypatch.setattr(zoo, "uses_lm_policy", uses_lm)
+        for algo, cls in (("grpo", GRPO), ("rloo", RLOO), ("reinforce", REINFORCE)):
+            trial = study.ask()
+            sampled = HYPERPARAMS_SAMPLER[algo](trial, 0, 1, {})
+            assert sampled == trial.params and HYPERPARAMS_CONVERTER[algo](trial.params) == sampled
+            assert set(sampled) <= set(inspect.signature(cls.__init__).parameters)  # the algorithm takes each of them
+            assert sampled["learning_rate"] <= high and "policy_kwargs" not in sampled
+    assert {"n_epochs", "clip_range", "scale_rewards", "loss_type"} <= set(HYPERPARAMS_SAMPLER["grpo"](study.ask(), 0, 1, {}))
