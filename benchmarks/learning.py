@@ -410,7 +410,7 @@ def read_csv(paths: list[str]) -> list[dict]:
 
 
 def _number(column: str, text: str) -> Any:
-    if column in _INT_COLUMNS:
+    if column in _INT_COLUMNS and text:
         return int(float(text))
     try:
         return float(text)
