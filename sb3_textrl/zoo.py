@@ -152,13 +152,17 @@ def _uses_groups(hyperparams: dict[str, Any]) -> bool:
     return any(_wrapper_name(entry) in GROUP_WRAPPERS for entry in entries)
 
 
+# the choices every sampler of this module draws from, shared so that the algorithms are searched alike
+_ENT_COEFS, _MAX_GRAD_NORMS, _N_EPOCHS, _CLIP_RANGES = [0.0, 1e-3, 1e-2], [0.5, 1.0, 2.0], [1, 2, 4], [0.1, 0.2, 0.3]
+
+
 def _sample_lm_common(trial: optuna.Trial) -> dict[str, Any]:
     return {
         "learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),
-        "ent_coef": trial.suggest_categorical("ent_coef", [0.0, 1e-3, 1e-2]),
+        "ent_coef": trial.suggest_categorical("ent_coef", _ENT_COEFS),
         "vf_coef": trial.suggest_float("vf_coef", 0.05, 0.5, log=True),
         "gae_lambda": trial.suggest_categorical("gae_lambda", [0.9, 0.95, 1.0]),
-        "max_grad_norm": trial.suggest_categorical("max_grad_norm", [0.5, 1.0, 2.0]),
+        "max_grad_norm": trial.suggest_categorical("max_grad_norm", _MAX_GRAD_NORMS),
     }
 
 
@@ -173,8 +177,8 @@ def sample_ppo_lm_params(trial: optuna.Trial, n_actions: int, n_envs: int, addit
     """
     return {
         **_sample_lm_common(trial),
-        "n_epochs": trial.suggest_categorical("n_epochs", [1, 2, 4]),
-        "clip_range": trial.suggest_categorical("clip_range", [0.1, 0.2, 0.3]),
+        "n_epochs": trial.suggest_categorical("n_epochs", _N_EPOCHS),
+        "clip_range": trial.suggest_categorical("clip_range", _CLIP_RANGES),
     }
 
 
@@ -190,6 +194,13 @@ def _learning_rate(trial: optuna.Trial) -> float:
     return trial.suggest_float("learning_rate", low, high, log=True)
 
 
+def _sample_regularisers(trial: optuna.Trial) -> dict[str, Any]:
+    return {
+        "ent_coef": trial.suggest_categorical("ent_coef", _ENT_COEFS),
+        "max_grad_norm": trial.suggest_categorical("max_grad_norm", _MAX_GRAD_NORMS),
+    }
+
+
 def sample_grpo_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
     """
     Optuna sampler for GRPO (the zoo has none): ``learning_rate`` (log; in [1e-6, 1e-4] for ``LMPolicy``, [1e-5, 1e-2]
@@ -199,23 +210,18 @@ def sample_grpo_params(trial: optuna.Trial, n_actions: int, n_envs: int, additio
     """
     return {
         "learning_rate": _learning_rate(trial),
-        "n_epochs": trial.suggest_categorical("n_epochs", [1, 2, 4]),
-        "clip_range": trial.suggest_categorical("clip_range", [0.1, 0.2, 0.3]),
+        "n_epochs": trial.suggest_categorical("n_epochs", _N_EPOCHS),
+        "clip_range": trial.suggest_categorical("clip_range", _CLIP_RANGES),
         "scale_rewards": trial.suggest_categorical("scale_rewards", ["group", "batch", "none"]),
         "loss_type": trial.suggest_categorical("loss_type", ["grpo", "dr_grpo", "dapo"]),
-        "ent_coef": trial.suggest_categorical("ent_coef", [0.0, 1e-3, 1e-2]),
-        "max_grad_norm": trial.suggest_categorical("max_grad_norm", [0.5, 1.0, 2.0]),
+        **_sample_regularisers(trial),
     }
 
 
 def sample_reinforce_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
     """Optuna sampler for RLOO and REINFORCE (the zoo has none): ``learning_rate`` as :func:`sample_grpo_params`,
     ``ent_coef`` in {0, 1e-3, 1e-2} and ``max_grad_norm`` in {0.5, 1, 2}."""
-    return {
-        "learning_rate": _learning_rate(trial),
-        "ent_coef": trial.suggest_categorical("ent_coef", [0.0, 1e-3, 1e-2]),
-        "max_grad_norm": trial.suggest_categorical("max_grad_norm", [0.5, 1.0, 2.0]),
-    }
+    return {"learning_rate": _learning_rate(trial), **_sample_regularisers(trial)}
 
 
 #: the samplers :func:`install` gives ``--optimize`` for the algorithms the zoo does not ship
