@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gym.logger.min_level = 40  # hide gymnasium's passive-checker chatter
     os.makedirs(args.out, exist_ok=True)
-    csv_path, png_path = os.path.join(args.out, "learning.csv"), os.path.join(args.out, "learning.png")
+    csv_path = os.path.join(args.out, "learning.csv")
     eval_prompts = read_prompts(TrainConfig().eval_prompts, "--eval-prompts")
     started, rows = time.perf_counter(), []
     for seed in args.seeds:  # seeds outermost: a drift of the machine's speed hits every configuration alike
@@ -536,8 +536,6 @@ def main(argv: list[str] | None = None) -> int:
         + ([f"{args.iterations} iterations"] if args.iterations is not None else [])
     )
     title = f"{args.model}, {len(args.seeds)} seed{'s' * (len(args.seeds) != 1)}, {budget}"
-    plot(rows, names, png_path, title)
-    table = summary_table(rows, names)
     crn = "evaluate_prompts(seed=seed)" if EVAL_TAKES_SEED else "torch.manual_seed(seed) before evaluate_prompts"
     notes = (
         f"{title}; held-out: {len(eval_prompts)} prompts x {args.eval_samples} samples + greedy, same draws before and "
@@ -545,10 +543,17 @@ def main(argv: list[str] | None = None) -> int:
         "gain: held-out reward after - before, mean over seeds ± 95 % t interval; ± prompts: the 95 % interval of one "
         "run's gain over prompts (before/after paired per prompt), mean over seeds; KL in nats per completion."
     )
-    with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(f"{notes}\n\n{table}\n")
-    print(f"\n{notes}\n\n{table}\n\nWrote {csv_path}, {png_path} and summary.md.", flush=True)
+    write_report(rows, names, args.out, title, notes)
     return 0
+
+
+def write_report(rows: list[dict], names: list[str], out: str, title: str, notes: str) -> None:
+    """``learning.png`` and ``summary.md`` (``notes``, then the table) in ``out``; the table printed."""
+    plot(rows, names, os.path.join(out, "learning.png"), title)
+    table = summary_table(rows, names)
+    with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(f"{notes}\n\n{table}\n")
+    print(f"\n{notes}\n\n{table}\n\nWrote learning.csv, learning.png and summary.md in {out}.", flush=True)
 
 
 def report(rows: list[dict], args: argparse.Namespace, seconds_per_iteration: dict[str, float]) -> int:
@@ -558,14 +563,9 @@ def report(rows: list[dict], args: argparse.Namespace, seconds_per_iteration: di
     os.makedirs(args.out, exist_ok=True)
     seeds = sorted({r["seed"] for r in rows})
     title = f"{args.model}, seeds {' '.join(map(str, seeds))}"
-    plot(rows, names, os.path.join(args.out, "learning.png"), title)
     write_csv(rows, os.path.join(args.out, "learning.csv"))
-    table = summary_table(rows, names)
-    sources = ", ".join(args.from_csv)
     scaled = f"; seconds per iteration set for {', '.join(seconds_per_iteration)}" if seconds_per_iteration else ""
-    with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(f"{title}; from {sources}{scaled}.\n\n{table}\n")
-    print(f"{title}\n\n{table}", flush=True)
+    write_report(rows, names, args.out, title, f"{title}; from {', '.join(args.from_csv)}{scaled}.")
     return 0
 
 
