@@ -17,9 +17,9 @@ The configurations (each run in turn per seed, in this process, each from a fres
   reference model stays the initial weights: KL is measured as for ``library``.
 - ``--config NAME:key=value,key=value``: a variant of ``library`` (``base=library``, the default) or of ``plain``
   (``base=plain``). For ``library`` a key is a :class:`~sb3_textrl.config.TrainConfig` field (``learning_rate``,
-  ``vf_coef``, ``n_epochs``, ``batch_size``...), ``policy.KEY`` a policy keyword (``policy.lean_activations=False``)
-  or else a keyword of the algorithm (``target_kl``, ``clip_range_vf``, ``normalize_advantage``); for ``plain`` a field
-  of ``PlainPPOArgs``. Values are Python literals (``3e-5``, ``False``, ``None``), else strings. ``iterations=N`` gives
+  ``vf_coef``, ``n_epochs``, ``batch_size``...), ``policy.KEY`` a policy keyword (``policy.lean_activations=False``),
+  ``buffer.KEY`` a rollout buffer keyword (``buffer.whiten_advantages=True``) or else a keyword of the algorithm
+  (``target_kl``, ``clip_range_vf``, ``normalize_advantage``); for ``plain`` a field of ``PlainPPOArgs``. Values are Python literals (``3e-5``, ``False``, ``None``), else strings. ``iterations=N`` gives
   the row its own budget in iterations (algorithms whose iterations take different times, compared at equal seconds:
   ``--config grpo:algo=grpo,group_size=4,iterations=25``).
 
@@ -148,6 +148,8 @@ def library_settings(configuration: Configuration, model: str, seed: int) -> tup
             config_overrides[key] = value
         elif key.startswith(("policy.", "policy_kwargs.")):
             policy_kwargs[key.split(".", 1)[1]] = value
+        elif key.startswith(("buffer.", "rollout_buffer_kwargs.")):
+            algo_kwargs.setdefault("rollout_buffer_kwargs", {})[key.split(".", 1)[1]] = value
         else:
             algo_kwargs[key] = value
     config = TrainConfig(**{"model": model, "seed": seed, **config_overrides})

@@ -11,17 +11,25 @@ from sb3_textrl.common.buffers import EpisodeRolloutBuffer
 from sb3_textrl.common.spaces import TokenObservationSpace
 
 
-def make_buffer(n_steps, n_envs, starts):
-    """A full EpisodeRolloutBuffer where transition (step s, env e) is tagged with the id ``s * n_envs + e``."""
+def make_buffer(n_steps, n_envs, starts, waiting=None, rewards=None, **kwargs):
+    """
+    A full EpisodeRolloutBuffer where transition (step s, env e) is tagged with the id ``s * n_envs + e``; ``waiting``
+    ``(n_steps, n_envs)`` bool marks empty observations (envs waiting for their round), ``rewards`` the rewards.
+    """
     space = TokenObservationSpace(max_length=4, vocab_size=300)
-    buffer = EpisodeRolloutBuffer(n_steps, space, gym.spaces.Discrete(300), n_envs=n_envs, gamma=1.0, gae_lambda=1.0)
+    buffer = EpisodeRolloutBuffer(
+        n_steps, space, gym.spaces.Discrete(300), n_envs=n_envs, gamma=1.0, gae_lambda=1.0, **kwargs
+    )
+    waiting = np.zeros((n_steps, n_envs), dtype=bool) if waiting is None else waiting
+    rewards = np.zeros((n_steps, n_envs)) if rewards is None else rewards
     for s in range(n_steps):
         ids = s * n_envs + np.arange(n_envs)
-        obs = {"input_ids": np.repeat(ids[:, None], 4, axis=1), "attention_mask": np.ones((n_envs, 4), dtype=np.int64)}
+        mask = np.repeat(~waiting[s, :, None], 4, axis=1).astype(np.int64)
+        obs = {"input_ids": np.repeat(ids[:, None], 4, axis=1), "attention_mask": mask}
         buffer.add(
             obs,
             ids[:, None],
-            reward=np.zeros(n_envs),
+            reward=rewards[s],
             episode_start=starts[s],
             value=th.as_tensor(ids, dtype=th.float32),
             log_prob=th.as_tensor(-ids, dtype=th.float32),
@@ -76,6 +84,25 @@ def test_episode_buffer_minibatches(batch_size):
         assert sorted(seen) == list(range(n_steps * n_envs))  # each transition exactly once per epoch
         orders.append(seen)
     assert orders[0] != orders[1] or orders[1] != orders[2]  # episodes are shuffled
+
+
+def test_whiten_advantages_over_the_rollout():
+    n_steps, n_envs = 6, 3
+    rng = np.random.default_rng(1)
+    starts = np.zeros((n_steps, n_envs), dtype=np.float32)
+    starts[0] = 1
+    starts[3, 0] = 1
+    waiting = np.zeros((n_steps, n_envs), dtype=bool)
+    waiting[4:, 1] = True  # env 1's episode ended after 4 steps: it waits for the round's end
+    rewards = rng.normal(size=(n_steps, n_envs))
+    plain = make_buffer(n_steps, n_envs, starts, waiting, rewards)
+    whitened = make_buffer(n_steps, n_envs, starts, waiting, rewards, whiten_advantages=True)
+    real = plain.advantages[~waiting]
+    expected = (real - real.mean()) / real.std()
+    np.testing.assert_allclose(whitened.advantages[~waiting], expected, rtol=1e-5)
+    np.testing.assert_allclose(whitened.advantages[waiting], plain.advantages[waiting])  # waiting steps untouched
+    np.testing.assert_allclose(whitened.returns, plain.returns)  # the value targets stay as computed
+    assert abs(real.mean()) > 0.1  # the check above is not trivially true
 
 
 class RecordingEpisodeBuffer(EpisodeRolloutBuffer):

@@ -92,6 +92,9 @@ def test_parse_configuration(benchmarks_path):
     config, policy_kwargs, algo_kwargs = library_settings(spec, "some-model", seed=3)
     assert (config.learning_rate, config.kl_estimator, config.seed, config.model) == (3e-5, "k3", 3, "some-model")
     assert policy_kwargs == {"lean_activations": False} and algo_kwargs == {"target_kl": 0.1}
+    spec = parse_configuration("w:buffer.whiten_advantages=True,normalize_advantage=False")
+    _, _, algo_kwargs = library_settings(spec, "some-model", seed=0)
+    assert algo_kwargs == {"rollout_buffer_kwargs": {"whiten_advantages": True}, "normalize_advantage": False}
     assert parse_configuration("p:base=plain,learning_rate=2e-5") == Configuration("p", "plain", {"learning_rate": 2e-5})
     assert parse_configuration("g:algo=grpo,iterations=25") == Configuration("g", "library", {"algo": "grpo"}, 25)
     for bad in ("library:vf_coef=1", ":vf_coef=1", "x:vf_coef", "x:base=trl", "x:iterations=0", "x:iterations=2.5"):

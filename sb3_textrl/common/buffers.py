@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Generator
+from typing import Any
 
 import numpy as np
+import torch as th
 from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
 
@@ -24,14 +26,39 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
     Episodes are packed greedily into minibatches of at most ``batch_size`` steps (an episode longer than
     ``batch_size`` forms a minibatch of its own), so minibatch sizes vary. Episodes cut by the rollout's end are
     treated as episodes of their own. Steps whose observation is empty (``attention_mask`` all zero: an env waiting for
-    its round, :class:`~sb3_textrl.common.whole_episodes.WholeEpisodeVecEnv`) are left out. The constructor's
-    arguments are ``DictRolloutBuffer``'s.
+    its round, :class:`~sb3_textrl.common.whole_episodes.WholeEpisodeVecEnv`) are left out.
+
+    :param args: ``DictRolloutBuffer``'s arguments (``buffer_size``, ``observation_space``, ``action_space``...)
+    :param whiten_advantages: whiten the advantages over the whole rollout once they are computed (mean 0, standard
+        deviation 1 over its real steps, waiting steps left out), as Ziegler et al. (2019) and Huang et al. (2024,
+        "The N Implementation Details of RLHF with PPO") do, rather than per minibatch as SB3's PPO does with
+        ``normalize_advantage=True``; pair it with ``normalize_advantage=False``. The returns (value targets) stay as
+        computed. Default ``False``; pass it with ``rollout_buffer_kwargs=dict(whiten_advantages=True)``.
+    :param kwargs: ``DictRolloutBuffer``'s keywords (``device``, ``gae_lambda``, ``gamma``, ``n_envs``)
     """
+
+    def __init__(self, *args: Any, whiten_advantages: bool = False, **kwargs: Any):
+        self.whiten_advantages = whiten_advantages
+        super().__init__(*args, **kwargs)
 
     def reset(self) -> None:
         """Empty the buffer (``DictRolloutBuffer.reset``) and forget the episode boundaries."""
         super().reset()
         self._episodes: list[np.ndarray] | None = None
+
+    def compute_returns_and_advantage(self, last_values: th.Tensor, dones: np.ndarray) -> None:
+        """
+        GAE advantages and returns (``DictRolloutBuffer.compute_returns_and_advantage``, Schulman et al. 2016), then,
+        with ``whiten_advantages``, the advantages whitened over the rollout's real steps.
+
+        :param last_values: ``(n_envs,)`` float, the value of each env's observation after the rollout
+        :param dones: ``(n_envs,)`` bool, whether each env's last step ended its episode
+        """
+        super().compute_returns_and_advantage(last_values, dones)
+        if self.whiten_advantages:
+            real = self._real_steps().reshape(self.n_envs, self.buffer_size).T  # (n_steps, n_envs), as stored
+            advantages = self.advantages[real]
+            self.advantages[real] = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
     def _flatten(self) -> None:
         # (n_steps, n_envs, ...) -> (n_envs * n_steps, ...): each env's steps become contiguous
