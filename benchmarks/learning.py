@@ -19,7 +19,8 @@ The configurations (each run in turn per seed, in this process, each from a fres
   (``base=plain``). For ``library`` a key is a :class:`~sb3_textrl.config.TrainConfig` field (``learning_rate``,
   ``vf_coef``, ``n_epochs``, ``batch_size``...), ``policy.KEY`` a policy keyword (``policy.lean_activations=False``),
   ``buffer.KEY`` a rollout buffer keyword (``buffer.whiten_advantages=True``) or else a keyword of the algorithm
-  (``target_kl``, ``clip_range_vf``, ``normalize_advantage``); for ``plain`` a field of ``PlainPPOArgs``. Values are Python literals (``3e-5``, ``False``, ``None``), else strings. ``iterations=N`` gives
+  (``target_kl``, ``clip_range_vf``, ``normalize_advantage``); for ``plain`` a field of ``PlainPPOArgs``. Values are
+  Python literals (``3e-5``, ``False``, ``None``), else strings. ``iterations=N`` gives
   the row its own budget in iterations (algorithms whose iterations take different times, compared at equal seconds:
   ``--config grpo:algo=grpo,group_size=4,iterations=25``).
 
