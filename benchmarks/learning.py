@@ -10,7 +10,8 @@ held-out reward against training seconds.
 The configurations (each run in turn per seed, in this process, each from a freshly loaded model):
 
 - ``library``: the main job as ``sb3-textrl train`` builds it: ``TrainConfig(model=--model, seed=SEED)``,
-  ``make_env``, ``make_model``, ``make_kl_callback`` (PPO("LMPolicy"), 16 envs x 24 new tokens, KL penalty 0.05).
+  ``make_env``, ``make_model``, ``make_kl_callback`` (RLOO("LMPolicy"), 16 envs = 4 prompts x 4 completions of up to
+  24 tokens per round, KL penalty 0.05); ``algo=ppo`` gives PPO on whole episodes (``--config ppo:algo=ppo``).
 - ``plain``: the classic PPO recipe as a plain torch + transformers loop (``benchmarks/plain_ppo.py``): 16 complete
   episodes per iteration from ``model.generate``, per-token k1 KL penalty 0.05, AdamW lr 1e-5, 2 epochs of minibatches
   of 8 sequences. For the evaluation its LM weights are copied into an LMPolicy built as the main job builds it, whose
@@ -186,7 +187,7 @@ class PlainRun:
     """The plain loop (``plain_ppo.py``), evaluated through an LMPolicy built as the main job builds it."""
 
     def __init__(self, configuration: Configuration, model: str, seed: int, device: str):
-        self.config = TrainConfig(model=model, seed=seed)
+        self.config = TrainConfig(model=model, seed=seed, algo="ppo")
         prompts = read_prompts(self.config.prompts, "--prompts")
         self.evaluator = make_model(self.config, make_env(self.config, prompts, seed=seed), seed=seed, device=device)
         reference = self.evaluator.policy.reference_model  # the initial weights, frozen: the plain loop's reference too

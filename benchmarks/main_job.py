@@ -1,4 +1,4 @@
-"""End to end: seconds per PPO iteration of the main job (``sb3-textrl train``'s defaults: SmolLM2-135M-Instruct,
+"""End to end: seconds per PPO iteration of the main job with PPO (``sb3-textrl train --algo ppo``: SmolLM2-135M-Instruct,
 16 envs x 24 new tokens, 2 epochs of minibatches of 192 steps, VADER reward, KL penalty callback), as the library runs
 it and with its speed-ups off, measured one after the other in one run.
 
@@ -55,7 +55,7 @@ def one_row_per_observation(input_ids: th.Tensor, attention_mask: th.Tensor) -> 
 
 
 def run_setting(setting: str, model_name: str, warmup: int, iterations: int) -> dict:
-    config = TrainConfig(model=model_name)  # sb3-textrl train --model MODEL_NAME
+    config = TrainConfig(model=model_name, algo="ppo")  # sb3-textrl train --algo ppo --model MODEL_NAME
     prompts = read_prompts(config.prompts, "--prompts")
     env = make_env(config, prompts, seed=config.seed)
     overrides = {}

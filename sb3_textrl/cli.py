@@ -1,5 +1,6 @@
-"""Command line: ``sb3-textrl train`` (also ``python -m sb3_textrl train``), the RLHF main job with stock PPO, or with
-A2C, REINFORCE, GRPO or RLOO (``--algo``; GRPO and RLOO with ``--group-size G`` completions per prompt).
+"""Command line: ``sb3-textrl train`` (also ``python -m sb3_textrl train``), the RLHF main job with RLOO (4 completions
+per prompt), or with stock PPO or A2C, REINFORCE or GRPO (``--algo``; GRPO and RLOO with ``--group-size G`` completions
+per prompt).
 
 The settings and their defaults are :class:`sb3_textrl.config.TrainConfig`'s; this module parses them, runs the job
 (:func:`train`) and reports. Only ``sb3_textrl.__main__`` imports it.
@@ -93,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser(
         "train",
-        help="fine-tune an LM with PPO (or --algo a2c, reinforce, grpo, rloo), a reward function and a KL penalty",
-        description="PPO('LMPolicy') (or --algo A2C, REINFORCE, GRPO, RLOO) on sb3_textrl/TextGeneration-v0 with a KL "
+        help="fine-tune an LM with RLOO (or --algo ppo, a2c, reinforce, grpo), a reward function and a KL penalty",
+        description="RLOO('LMPolicy') (or --algo PPO, A2C, REINFORCE, GRPO) on sb3_textrl/TextGeneration-v0 with a KL "
         "penalty to the reference model; prints a before/after table on held-out prompts and saves the model, an export "
         "and a PNG of the curves. Flags whose help names algorithms apply to those only.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -184,7 +185,7 @@ def _start_run(config: TrainConfig, started: float) -> _Run:
 
 def _build_model(run: _Run, env: VecEnv, callbacks: list[BaseCallback]) -> tuple[OnPolicyAlgorithm, EvaluationResult | None]:
     """
-    A new ``PPO("LMPolicy")`` (or ``--algo``'s), or with ``--resume`` the checkpointed one (which restores ``callbacks``
+    A new ``RLOO("LMPolicy")`` (or ``--algo``'s), or with ``--resume`` the checkpointed one (which restores ``callbacks``
     too; the checkpoint names its algorithm).
 
     :return: the model, and the checkpointed run's evaluation before training (``None`` for a new run)

@@ -41,12 +41,18 @@ _ARGPARSE_KEYS = ("type", "choices", "nargs", "metavar")
 
 #: the values of ``--algo`` that play the environments in groups of ``--group-size`` (one round per rollout)
 GROUP_ALGOS = ("grpo", "rloo")
+#: the completions per prompt of GRPO and RLOO when ``group_size`` is not given
+DEFAULT_GROUP_SIZE = 4
+#: the main job's training budget in generated tokens (env steps) per algorithm, when ``total_timesteps`` is not given:
+#: RLOO about 100 rounds of 16 completions (about 375 tokens a round), the others 40 rollouts of 16 envs x 24 steps
+#: (docs/learning.md: the benchmark that chose them)
+DEFAULT_TOTAL_TIMESTEPS = {"rloo": 37_500, "grpo": 15_360, "ppo": 15_360, "a2c": 15_360, "reinforce": 15_360}
 
 
 @dataclass
 class TrainConfig:
     """
-    Every setting of the main job, ``sb3-textrl train``: PPO('LMPolicy') (or the algorithm ``algo`` names) on
+    Every setting of the main job, ``sb3-textrl train``: RLOO('LMPolicy') (or the algorithm ``algo`` names) on
     ``sb3_textrl/TextGeneration-v0`` with a KL penalty to the reference model. The defaults are the command line's;
     each field's ``metadata["help"]`` is its flag's help and says which algorithms use it (the others are not given
     it). ``TrainConfig()`` is the main job as ``sb3-textrl train`` runs it with no arguments.
@@ -75,13 +81,20 @@ class TrainConfig:
         },
     )
     algo: Literal["ppo", "a2c", "reinforce", "grpo", "rloo"] = field(
-        default="ppo",
+        default="rloo",
         metadata={
-            "help": "the RL algorithm; grpo and rloo compare the completions of each prompt and need --group-size",
+            "help": "the RL algorithm; grpo and rloo compare the completions of each prompt (--group-size); rloo is the "
+            "default (docs/learning.md: the benchmark that chose it)",
             "fixed_on_resume": True,
         },
     )
-    total_timesteps: int = field(default=15_360, metadata={"help": "training budget in generated tokens (env steps)"})
+    total_timesteps: int | None = field(
+        default=None,
+        metadata={
+            "help": "training budget in generated tokens (env steps); default: the main job's for --algo, 37,500 for rloo "
+            "(about 100 rounds of 16 completions), 15,360 for the others (40 rollouts of 16 x 24 steps)"
+        },
+    )
     max_new_tokens: int = field(default=24, metadata={"help": "completion length limit (tokens)", "fixed_on_resume": True})
     n_envs: int = field(
         default=16, metadata={"help": "parallel environments (completions per rollout step)", "fixed_on_resume": True}
@@ -90,7 +103,7 @@ class TrainConfig:
         default=None,
         metadata={
             "help": "grpo, rloo: completions per prompt (>= 2, dividing --n-envs): each rollout plays n_envs / G prompts "
-            "G times each; default: none (independent episodes, the other algorithms)",
+            "G times each; default: 4 with grpo and rloo, none with the other algorithms (independent episodes)",
             "metavar": "G",
             "fixed_on_resume": True,
         },
@@ -184,7 +197,7 @@ class TrainConfig:
         },
     )
     eval_every: int = field(
-        default=20,
+        default=50,
         metadata={
             "help": "also evaluate the held-out prompts every N rollouts during training, as before and after (eval/ keys, "
             "OUTPUT_DIR/eval/samples.md and eval_curves.png, from the before point on); 0 disables"
@@ -229,7 +242,12 @@ class TrainConfig:
     verbose: int = field(default=0, metadata={"help": "SB3 verbosity (1 prints the logger's tables)"})
 
     def __post_init__(self) -> None:
-        """Refuse bad settings before any model is loaded; the errors name the ``--flag``."""
+        """Fill in the defaults that depend on ``algo``, then refuse bad settings before any model is loaded; the errors
+        name the ``--flag``."""
+        if self.group_size is None and self.algo in GROUP_ALGOS:
+            self.group_size = DEFAULT_GROUP_SIZE
+        if self.total_timesteps is None:
+            self.total_timesteps = DEFAULT_TOTAL_TIMESTEPS[self.algo]
         positive = {
             "--total-timesteps": self.total_timesteps,
             "--max-new-tokens": self.max_new_tokens,
@@ -274,7 +292,8 @@ class TrainConfig:
         check_rollout_size(self.rollout_steps, self.n_envs, batch_size, names=("--n-steps", "--n-envs", "--batch-size"))
 
     def _check_groups(self) -> None:
-        """GRPO and RLOO need ``--group-size`` (>= 2, dividing ``--n-envs``), a rollout of one whole round and one process."""
+        """GRPO and RLOO need a ``--group-size`` (default 4) >= 2 dividing ``--n-envs``, a rollout of one whole round and one
+        process."""
         if self.algo not in GROUP_ALGOS:
             if self.group_size:  # None and 0 both mean no groups
                 raise ValueError(
@@ -282,11 +301,6 @@ class TrainConfig:
                     f"prompt; --algo {self.algo} plays independent episodes: drop --group-size, or use --algo grpo."
                 )
             return
-        if self.group_size is None:
-            raise ValueError(
-                f"`--algo {self.algo}` compares the completions of each prompt: give `--group-size`, the completions per "
-                "prompt (G >= 2, dividing --n-envs), e.g. --group-size 4 with --n-envs 16."
-            )
         check_group_size(self.group_size, self.n_envs, names=("--group-size", "--n-envs"))
         if self.n_steps is not None and self.n_steps < self.max_new_tokens:
             raise ValueError(
@@ -297,7 +311,8 @@ class TrainConfig:
         if distributed.launched_distributed():
             raise ValueError(
                 f"`--algo {self.algo}` under torchrun: data-parallel training needs the same number of minibatches on "
-                "every rank, which the group rollout buffers do not give; run GRPO and RLOO in one process."
+                "every rank, which the group rollout buffers do not give; run GRPO and RLOO in one process, or pass "
+                "--algo ppo."
             )
 
     def _check_whole_episodes(self) -> None:

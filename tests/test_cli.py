@@ -42,6 +42,8 @@ def test_train_end_to_end(tiny_llama_path, tmp_path, capsys):
         "train",
         "--model",
         tiny_llama_path,
+        "--algo",
+        "ppo",
         "--total-timesteps",
         "64",
         "--n-envs",
@@ -121,8 +123,8 @@ def test_train_evaluates_during_training(tiny_llama_path, tmp_path, capsys):
     """--eval-every N runs LMEvalCallback every N rollouts: results.json and OUTPUT_DIR/eval get its results."""
     out = tmp_path / "run"
     code = main(
-        ["train", "--model", tiny_llama_path, "--total-timesteps", "96", "--n-envs", "2", "--n-steps", "16",
-         "--batch-size", "16", "--max-new-tokens", "4", "--eval-samples", "1", "--eval-every", "1",
+        ["train", "--model", tiny_llama_path, "--algo", "ppo", "--total-timesteps", "96", "--n-envs", "2", "--n-steps",
+         "16", "--batch-size", "16", "--max-new-tokens", "4", "--eval-samples", "1", "--eval-every", "1",
          "--no-progress-bar", "--output-dir", str(out)]
     )  # fmt: skip
     assert code == 0
@@ -138,7 +140,7 @@ def tiny_run_argv(model_path, output_dir, *args):
     """``sb3-textrl train`` on the tiny LM: 2 envs x 4 new tokens, 16 tokens in all (2 rollouts), one sampled
     completion per held-out prompt before and after training, none during."""
     return [
-        "train", "--model", model_path, "--total-timesteps", "16", "--n-envs", "2", "--max-new-tokens", "4",
+        "train", "--model", model_path, "--algo", "ppo", "--total-timesteps", "16", "--n-envs", "2", "--max-new-tokens", "4",
         "--batch-size", "8", "--eval-samples", "1", "--eval-every", "0", "--learning-rate", "1e-3", "--no-progress-bar",
         "--output-dir", str(output_dir), *args,
     ]  # fmt: skip
@@ -198,7 +200,7 @@ def test_train_group_algo_resumes(tiny_llama_path, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, flags",
     [
-        (["--algo", "grpo"], ["--group-size"]),
+        (["--algo", "grpo", "--n-envs", "6"], ["--group-size", "--n-envs"]),
         (["--algo", "grpo", "--group-size", "1"], ["--group-size"]),
         (["--algo", "rloo", "--group-size", "2", "--n-envs", "3"], ["--n-envs", "--group-size"]),
         (

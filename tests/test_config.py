@@ -60,9 +60,9 @@ def main_job_yaml(name: str = "ppo") -> dict:
 
 
 def main_job_ppo_kwargs(monkeypatch, job: TrainConfig | None = None) -> dict:
-    """The keywords ``make_model(job, env)`` passes to its algorithm (default: ``PPO`` for ``TrainConfig()``), with the
-    policy as ``policy``."""
-    job = job or TrainConfig()
+    """The keywords ``make_model(job, env)`` passes to its algorithm (default: ``PPO`` for ``TrainConfig(algo="ppo")``),
+    with the policy as ``policy``."""
+    job = job or TrainConfig(algo="ppo")
     calls = []
     # the algorithm classes are main_job's names PPO, A2C, REINFORCE, GRPO, RLOO
     monkeypatch.setattr(main_job, job.algo.upper(), lambda policy, env, **kwargs: calls.append(dict(policy=policy, **kwargs)))
@@ -71,8 +71,8 @@ def main_job_ppo_kwargs(monkeypatch, job: TrainConfig | None = None) -> dict:
 
 
 def main_job_env_kwargs(monkeypatch, job: TrainConfig | None = None) -> dict:
-    """The keywords ``make_env(job, prompts, seed)`` passes to ``make_text_vec_env`` (default: ``TrainConfig()``)."""
-    job = job or TrainConfig()
+    """The keywords ``make_env(job, prompts, seed)`` passes to ``make_text_vec_env`` (default: ``--algo ppo``)."""
+    job = job or TrainConfig(algo="ppo")
     calls = []
     monkeypatch.setattr(main_job, "make_text_vec_env", lambda **kwargs: calls.append(kwargs))
     main_job.make_env(job, read_prompts(job.prompts, "--prompts"), seed=job.seed)
@@ -83,12 +83,21 @@ def kl_callback_state(callback: KLPenaltyCallback) -> tuple:
     return type(callback.controller), vars(callback.controller), callback.estimator
 
 
-def test_ppo_yml_is_the_main_job(monkeypatch):
-    """Each value ppo.yml sets for TextGeneration-v0 is the one ``sb3-textrl train`` uses by default."""
+def test_the_main_job_is_rloo_in_groups_of_4():
+    """``sb3-textrl train`` with no arguments: RLOO, 4 completions per prompt, about 100 rounds; the budget and the
+    group size depend on ``--algo`` when they are not given."""
+    assert TrainConfig() == TrainConfig(algo="rloo", group_size=4, total_timesteps=37_500)
+    assert (TrainConfig(algo="grpo").group_size, TrainConfig(algo="grpo").total_timesteps) == (4, 15_360)
+    assert (TrainConfig(algo="ppo").group_size, TrainConfig(algo="ppo").total_timesteps) == (None, 15_360)
+    assert TrainConfig(algo="ppo", total_timesteps=96).total_timesteps == 96
+
+
+def test_ppo_yml_is_the_ppo_job(monkeypatch):
+    """Each value ppo.yml sets for TextGeneration-v0 is the one ``sb3-textrl train --algo ppo`` uses."""
     section = main_job_yaml()
     unknown = set(section) - YAML_PPO_KEYS - YAML_STRUCTURAL_KEYS - {"n_envs", "n_timesteps", "env_kwargs", "callback"}
     assert not unknown, f"ppo.yml sets {unknown}: map them to TrainConfig fields in this test"
-    defaults = TrainConfig()
+    defaults = TrainConfig(algo="ppo")
     assert section["n_timesteps"] == defaults.total_timesteps
 
     ppo_kwargs = main_job_ppo_kwargs(monkeypatch)
@@ -127,8 +136,8 @@ def test_ppo_yml_is_the_main_job(monkeypatch):
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo", "reinforce"])
 def test_algo_yml_is_the_cli_job(monkeypatch, algo):
-    """``<algo>.yml`` sets what ``sb3-textrl train --algo <algo>`` passes (``--group-size`` as the YAML's groups), and
-    ppo.yml's LM, reward, prompts, budget, KL callback and batched scoring."""
+    """``<algo>.yml`` sets what ``sb3-textrl train --algo <algo>`` passes (``--group-size`` as the YAML's groups) and
+    its budget, and ppo.yml's LM, reward, prompts, KL callback and batched scoring."""
     section, main_job = main_job_yaml(algo), main_job_yaml()
     group_size = None
     if algo in GROUP_ALGOS:
@@ -141,7 +150,8 @@ def test_algo_yml_is_the_cli_job(monkeypatch, algo):
         assert section.pop("env_wrapper") == main_job["env_wrapper"]
     job = TrainConfig(algo=algo, group_size=group_size)
     assert main_job_env_kwargs(monkeypatch, job)["whole_episodes"] is (algo not in GROUP_ALGOS)
-    for key in ("n_envs", "n_timesteps", "env_kwargs", "callback"):
+    assert section.pop("n_timesteps") == job.total_timesteps
+    for key in ("n_envs", "env_kwargs", "callback"):
         assert section.pop(key) == main_job[key], key
     assert main_job_env_kwargs(monkeypatch, job)["group_size"] == group_size
 
@@ -157,7 +167,8 @@ def test_algo_yml_is_the_cli_job(monkeypatch, algo):
 def test_parser_defaults_are_the_dataclass_defaults():
     args = cli.build_parser().parse_args(["train"])
     assert args.command == "train"
-    assert {k: v for k, v in vars(args).items() if k != "command"} == dataclasses.asdict(TrainConfig())
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # None: filled in for --algo
+    assert {k: v for k, v in vars(args).items() if k != "command"} == defaults
     assert TrainConfig.from_namespace(args) == TrainConfig()
 
 
@@ -173,9 +184,9 @@ def test_flags():
     assert args.reward_kwargs == {"references": "x.jsonl"} and args.kl_estimator == "k3"
     assert args.n_steps == 12 and args.kl_target == 0.5 and args.resume and args.no_progress_bar and not args.fsdp
     assert args.whole_episodes is False and parser.parse_args([]).whole_episodes is True  # a --flag/--no-flag pair
-    assert TrainConfig.from_namespace(args).activation_checkpointing == 2
+    assert TrainConfig.from_namespace(parser.parse_args([*argv, "--algo", "ppo"])).activation_checkpointing == 2
     with pytest.raises(ValueError, match=r"`--n-steps` \(12\) must be a multiple of `--max-new-tokens` \(24\)"):
-        TrainConfig(n_steps=12)
+        TrainConfig(algo="ppo", n_steps=12)
     argv = [
         "--algo",
         "grpo",
@@ -209,7 +220,7 @@ def test_resume_fixed_args_come_from_the_metadata():
         "activation_checkpointing",
     )  # fmt: skip
 
-    current, prompts = TrainConfig(), ["Write one sentence about rain."]
+    current, prompts = TrainConfig(algo="ppo"), ["Write one sentence about rain."]
     for f in dataclasses.fields(TrainConfig):
         value = getattr(current, f.name)
         other = "other" if isinstance(value, str) else {"x": 1} if f.name == "reward_kwargs" else (value or 0) + 1
@@ -231,9 +242,10 @@ def test_resume_of_a_checkpoint_from_before_whole_episodes():
         args = {k: v for k, v in dataclasses.asdict(job).items() if k != "whole_episodes"}
         return dict(args=args, prompts=prompts, eval_prompts=prompts)
 
+    ppo = TrainConfig(algo="ppo")
     with pytest.raises(ValueError, match="`--whole-episodes` was False in the checkpointed run, got True"):
-        check_resume_args(TrainConfig(), saved(TrainConfig()), prompts, prompts)
-    check_resume_args(TrainConfig(whole_episodes=False), saved(TrainConfig()), prompts, prompts)
+        check_resume_args(ppo, saved(ppo), prompts, prompts)
+    check_resume_args(TrainConfig(algo="ppo", whole_episodes=False), saved(ppo), prompts, prompts)
     grpo = TrainConfig(algo="grpo", group_size=4)
     check_resume_args(grpo, saved(grpo), prompts, prompts)
 
@@ -248,7 +260,7 @@ def test_resume_of_a_checkpoint_from_before_whole_episodes():
         (dict(batch_size=512), r"`--batch-size` \(512\) is larger than a rollout, `--n-steps \* --n-envs`"),
         (dict(fsdp=True), "torchrun"),
         (dict(beta=-0.1), "`--beta` .* must be >= 0"),
-        (dict(algo="grpo"), "`--algo grpo` compares the completions of each prompt: give `--group-size`"),
+        (dict(algo="grpo", n_envs=6), r"`--group-size` \(4\) must divide `--n-envs` \(6\).* --n-envs=8"),
         (dict(algo="rloo", group_size=1), "`--group-size` must be an integer >= 2.* got 1: e.g. --group-size=4"),
         (dict(algo="grpo", group_size=3), r"`--group-size` \(3\) must divide `--n-envs` \(16\).* --n-envs=15"),
         (dict(algo="grpo", group_size=4, n_steps=8), r"`--n-steps` \(8\) must be at least `--max-new-tokens` \(24\)"),

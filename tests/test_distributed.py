@@ -103,7 +103,7 @@ def _check_stop(rank: int, tmp_path: str, model_path: str) -> None:
             self.request_stop()
 
     distributed.DistributedCallback._on_rollout_start = stop_on_rank_1
-    argv = ["train", "--model", model_path, "--total-timesteps", "320", "--n-envs", "2", "--n-steps", "8"]
+    argv = ["train", "--model", model_path, "--algo", "ppo", "--total-timesteps", "320", "--n-envs", "2", "--n-steps", "8"]
     argv += ["--batch-size", "8", "--max-new-tokens", "4", "--eval-samples", "1", "--no-progress-bar"]
     try:
         with pytest.raises(cli.TrainingInterrupted) as stop:
@@ -134,7 +134,7 @@ def _worker(rank: int, tmp_path: str, model_path: str) -> None:
 
     distributed.check_in_sync = save_then_check
     distributed.DistributedCallback._on_rollout_end = record_kl_coef
-    argv = ["train", "--model", model_path, "--total-timesteps", "32", "--n-envs", "2", "--n-steps", "8"]
+    argv = ["train", "--model", model_path, "--algo", "ppo", "--total-timesteps", "32", "--n-envs", "2", "--n-steps", "8"]
     argv += ["--batch-size", "8", "--max-new-tokens", "4", "--eval-samples", "1", "--learning-rate", "1e-3"]
     argv += ["--kl-target", "0.01", "--kl-horizon", "10", "--no-progress-bar", "--output-dir", os.path.join(tmp_path, "run")]
     assert cli.main(argv) == 0
@@ -253,7 +253,8 @@ def _fsdp_worker(rank: int, tmp_path: str, model_path: str) -> None:
         check_in_sync(module)
 
     distributed.check_in_sync = save_then_check
-    argv = ["train", "--model", model_path, "--total-timesteps", "32", "--n-envs", "2", "--n-steps", "8", "--fsdp"]
+    argv = ["train", "--model", model_path, "--algo", "ppo", "--total-timesteps", "32", "--n-envs", "2", "--n-steps", "8"]
+    argv.append("--fsdp")
     argv += ["--batch-size", "8", "--max-new-tokens", "4", "--eval-samples", "1", "--learning-rate", "1e-3"]
     argv += ["--kl-target", "0.01", "--kl-horizon", "10", "--eval-every", "1", "--no-progress-bar"]
     assert cli.main([*argv, "--output-dir", os.path.join(tmp_path, "run")]) == 0

@@ -300,6 +300,8 @@ def cli_args(model_path, output_dir, prompts_file, total=64, *extra):
         "train",
         "--model",
         model_path,
+        "--algo",
+        "ppo",
         "--prompts",
         prompts_file,
         "--eval-prompts",

@@ -152,7 +152,7 @@ def test_hyperparams_files(algo: str):
     text = hyperparams[TEXT_ENV]
     assert text["policy"] == "LMPolicy" and text["env_kwargs"]["model_name_or_path"] == "smollm2-135m-instruct"
     assert len(text["env_kwargs"]["prompts"]) == 48 and text["n_envs"] == 16
-    assert text["n_timesteps"] == TrainConfig().total_timesteps
+    assert text["n_timesteps"] == TrainConfig(algo=algo).total_timesteps
 
 
 @pytest.mark.expensive
@@ -201,7 +201,7 @@ def test_algo_hyperparams_files(algo: str):
     text = hyperparams[TEXT_ENV]
     assert text["policy"] == "LMPolicy" and text["env_kwargs"]["model_name_or_path"] == "smollm2-135m-instruct"
     assert len(text["env_kwargs"]["prompts"]) == 48 and text["n_envs"] == 16
-    assert text["n_timesteps"] == TrainConfig().total_timesteps
+    assert text["n_timesteps"] == TrainConfig(algo=algo).total_timesteps
 
 
 def train_tiny_main_job(tmp_path: Path, tiny_path: str, algo: str, command, n_envs: int, wrapper: str, **wrapper_kwargs):
