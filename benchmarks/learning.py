@@ -21,8 +21,8 @@ The configurations (each run in turn per seed, in this process, each from a fres
   ``vf_coef``, ``n_epochs``, ``batch_size``...), ``policy.KEY`` a policy keyword (``policy.lean_activations=False``),
   ``buffer.KEY`` a rollout buffer keyword (``buffer.whiten_advantages=True``) or else a keyword of the algorithm
   (``target_kl``, ``clip_range_vf``, ``normalize_advantage``); for ``plain`` a field of ``PlainPPOArgs``. Values are
-  Python literals (``3e-5``, ``False``, ``None``), else strings. ``iterations=N`` gives
-  the row its own budget in iterations (algorithms whose iterations take different times, compared at equal seconds:
+  Python literals (``3e-5``, ``False``, ``None``), else strings. ``iterations=N`` gives the row its own budget in
+  iterations (algorithms whose iterations take different times, compared at equal seconds:
   ``--config grpo:algo=grpo,group_size=4,iterations=25``).
 
 Training runs in iterations (one PPO rollout + update) until ``--iterations`` or ``--budget-seconds`` of training

@@ -1,4 +1,4 @@
-"""End to end: seconds per PPO iteration of the main job with PPO (``sb3-textrl train --algo ppo``: SmolLM2-135M-Instruct,
+"""End to end: seconds per iteration of the main job with PPO (``sb3-textrl train --algo ppo``: SmolLM2-135M-Instruct,
 16 envs x 24 new tokens, 2 epochs of minibatches of 192 steps, VADER reward, KL penalty callback), as the library runs
 it and with its speed-ups off, measured one after the other in one run.
 
