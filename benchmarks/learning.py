@@ -19,10 +19,11 @@ The configurations (each run in turn per seed, in this process, each from a fres
 - ``--config NAME:key=value,key=value``: a variant of ``library`` (``base=library``, the default) or of ``plain``
   (``base=plain``). For ``library`` a key is a :class:`~sb3_textrl.config.TrainConfig` field (``learning_rate``,
   ``vf_coef``, ``n_epochs``, ``batch_size``...), ``policy.KEY`` a policy keyword (``policy.lean_activations=False``),
-  ``buffer.KEY`` a rollout buffer keyword (``buffer.whiten_advantages=True``) or else a keyword of the algorithm
-  (``target_kl``, ``clip_range_vf``, ``normalize_advantage``); for ``plain`` a field of ``PlainPPOArgs``. Values are
-  Python literals (``3e-5``, ``False``, ``None``), else strings. ``iterations=N`` gives the row its own budget in
-  iterations (algorithms whose iterations take different times, compared at equal seconds:
+  ``buffer.KEY`` a rollout buffer keyword (``buffer.whiten_advantages=True``), ``ab.KEY`` a variant that only the
+  benchmark has (``ab.normalize_scores=True``, ``ab.value_warmup_rollouts=2``: ``benchmarks/ab_options.py``) or else a
+  keyword of the algorithm (``target_kl``, ``clip_range_vf``, ``normalize_advantage``); for ``plain`` a field of
+  ``PlainPPOArgs``. Values are Python literals (``3e-5``, ``False``, ``None``), else strings. ``iterations=N`` gives the
+  row its own budget in iterations (algorithms whose iterations take different times, compared at equal seconds:
   ``--config grpo:algo=grpo,group_size=4,iterations=25``).
 
 Training runs in iterations (one PPO rollout + update) until ``--iterations`` or ``--budget-seconds`` of training
@@ -79,6 +80,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch as th
+from ab_options import ScoreNormalization, ValueWarmup, ab_options
 from plain_ppo import PlainPPO, args_with
 from stable_baselines3.common.callbacks import CallbackList
 
@@ -141,13 +143,20 @@ def parse_configuration(text: str) -> Configuration:
     return Configuration(name, base, overrides, iterations)
 
 
-def library_settings(configuration: Configuration, model: str, seed: int) -> tuple[TrainConfig, dict, dict]:
-    """The main job's :class:`TrainConfig` with the overrides, and the policy's and the algorithm's extra keywords."""
+def library_settings(configuration: Configuration, model: str, seed: int) -> tuple[TrainConfig, dict, dict, dict]:
+    """
+    The main job's :class:`TrainConfig` with the overrides, the policy's and the algorithm's extra keywords, and the
+    benchmark's own variants (``ab.KEY``, :func:`ab_options.ab_options`).
+
+    :raises ValueError: for an unknown ``ab.KEY`` or a value of the wrong type
+    """
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config_overrides, policy_kwargs, algo_kwargs = {}, {}, {}
+    config_overrides, policy_kwargs, algo_kwargs, ab = {}, {}, {}, {}
     for key, value in configuration.overrides.items():
         if key in fields:
             config_overrides[key] = value
+        elif key.startswith("ab."):
+            ab[key[3:]] = value
         elif key.startswith(("policy.", "policy_kwargs.")):
             policy_kwargs[key.split(".", 1)[1]] = value
         elif key.startswith(("buffer.", "rollout_buffer_kwargs.")):
@@ -155,20 +164,25 @@ def library_settings(configuration: Configuration, model: str, seed: int) -> tup
         else:
             algo_kwargs[key] = value
     config = TrainConfig(**{"model": model, "seed": seed, **config_overrides})
-    return config, policy_kwargs, algo_kwargs
+    return config, policy_kwargs, algo_kwargs, ab_options(ab)
 
 
 class LibraryRun:
-    """The main job (``sb3-textrl train``'s builders), one PPO iteration per :meth:`iteration`."""
+    """The main job (``sb3-textrl train``'s builders), one rollout and its update per :meth:`iteration`."""
 
     def __init__(self, configuration: Configuration, model: str, seed: int, device: str):
-        self.config, policy_kwargs, algo_kwargs = library_settings(configuration, model, seed)
+        self.config, policy_kwargs, algo_kwargs, ab = library_settings(configuration, model, seed)
         self.env = make_env(self.config, read_prompts(self.config.prompts, "--prompts"), seed=seed)
+        if ab.get("normalize_scores", False):
+            self.env = ScoreNormalization(self.env)
         policy_kwargs = {"activation_checkpointing": self.config.activation_checkpointing or False, **policy_kwargs}
         self.model = make_model(self.config, self.env, seed=seed, device=device, policy_kwargs=policy_kwargs, **algo_kwargs)
         kl_callback = make_kl_callback(self.config)
         self.history = RolloutHistoryCallback(kl_callback)
-        self.callbacks = CallbackList([kl_callback, self.history])
+        callbacks = [kl_callback, self.history]
+        if ab.get("value_warmup_rollouts", 0):
+            callbacks.append(ValueWarmup(ab["value_warmup_rollouts"]))
+        self.callbacks = CallbackList(callbacks)
         self.tokens = 0
 
     def eval_policy(self) -> CausalLMActorCriticPolicy:
@@ -180,7 +194,7 @@ class LibraryRun:
         # RLOO count real tokens only, fewer than n_steps x n_envs)
         self.model.learn(1, callback=self.callbacks, reset_num_timesteps=self.tokens == 0, progress_bar=False)
         self.tokens = self.model.num_timesteps
-        return {"score": self.history.history[-1]["score"], "kl": self.history.history[-1]["kl"]}
+        return {key: self.history.history[-1][key] for key in ("score", "kl", "eos_fraction")}
 
 
 class PlainRun:
@@ -313,7 +327,7 @@ def run(
         iteration, train_s = iteration + 1, train_s + iteration_s[-1]
         print(
             f"{configuration.name} seed {seed} iteration {iteration}: {iteration_s[-1]:.1f} s, rollout score "
-            f"{stats['score']:+.3f}, KL {stats['kl']:.2f}",
+            f"{stats['score']:+.3f}, KL {stats['kl']:.2f}, EOS {stats.get('eos_fraction', math.nan):.2f}",
             file=sys.stderr,
             flush=True,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import gymnasium as gym
@@ -50,6 +51,11 @@ class TextGenerationEnv(gym.Env[dict, int]):
     0 at every step but the last; at the last step, the reward function's score of the completion
     (``"vader"``: VADER compound sentiment in [-1, 1]; see :mod:`sb3_textrl.rewards` for the others and their ranges).
 
+    With ``missing_eos_penalty`` > 0, an episode that ends at ``max_new_tokens`` without an EOS token has that much
+    taken off its last reward (TRL's ``missing_eos_penalty``; the "EOS trick" of Huang et al. 2024, *The N+
+    Implementation Details of RLHF with PPO*, replaces the score by -1 instead); ``info["score"]`` stays the reward
+    function's score.
+
     A per-token reward (``per_token = True``, see :mod:`sb3_textrl.rewards.base`) instead pays each step the reward
     of the token just generated: the environment calls it after every step with the tokens so far (each decoded on
     its own; EOS as ``""``) and the episode's return is the sum of the token rewards.
@@ -70,9 +76,10 @@ class TextGenerationEnv(gym.Env[dict, int]):
     2. Termination: ``max_new_tokens`` tokens have been generated. This is a termination, not a truncation:
        the completion is finished and scored, so no value is bootstrapped after it.
 
-    The last step's ``info`` holds ``prompt``, ``completion`` (decoded without special tokens) and ``score`` (the
-    episode's score; the sum of the token rewards for a per-token reward, which also gives ``token_rewards``),
-    plus ``score_terms`` (``{term: score}``) for a reward that keeps per-term scores, such as ``"combined"``.
+    The last step's ``info`` holds ``prompt``, ``completion`` (decoded without special tokens), ``eos`` (whether the
+    completion ended with an EOS token) and ``score`` (the episode's score; the sum of the token rewards for a per-token
+    reward, which also gives ``token_rewards``), plus ``score_terms`` (``{term: score}``) for a reward that keeps
+    per-term scores, such as ``"combined"``.
 
     ## Arguments
     - ``model_name_or_path``: the LM whose tokenizer and vocabulary to use: an alias (``"smollm2-135m-instruct"``),
@@ -92,14 +99,16 @@ class TextGenerationEnv(gym.Env[dict, int]):
     - ``reward_kwargs``: arguments of a named reward, e.g. ``reward_fn="bleu", reward_kwargs=dict(references=path)``.
     - ``defer_scoring``: leave the scoring to :class:`sb3_textrl.common.vec_env.BatchedRewardVecEnv` (default False); the
       reward is then only checked here, not built, and may be ``None`` (the wrapper brings it).
+    - ``missing_eos_penalty``: taken off the last reward of a completion cut at ``max_new_tokens`` without EOS, in the
+      reward's units (default 0: none).
 
     The constructor raises a ``ValueError`` naming the argument for: empty or blank prompts, a prompt that encodes to no
     token or to more than ``max_prompt_length`` tokens, ``max_new_tokens`` that is not a positive integer or that, with
     the longest prompt, exceeds the LM's context (the tokenizer's ``model_max_length``, else the config's
     ``max_position_embeddings``/``n_positions``), a tokenizer larger than the LM's logits, ``use_chat_template=True``
-    without a chat template, a reward that :func:`~sb3_textrl.rewards.get_reward_fn` refuses, or a per-token reward with
-    ``defer_scoring=True``; ``step`` for an action that is not a token id, ``reset`` for an unknown
-    ``options["prompt"]``.
+    without a chat template, a negative or non-finite ``missing_eos_penalty``, a reward that
+    :func:`~sb3_textrl.rewards.get_reward_fn` refuses, or a per-token reward with ``defer_scoring=True``; ``step`` for
+    an action that is not a token id, ``reset`` for an unknown ``options["prompt"]``.
 
     ## Version History
     - v0: initial version
@@ -122,8 +131,10 @@ class TextGenerationEnv(gym.Env[dict, int]):
         render_mode: str | None = None,
         reward_kwargs: dict | None = None,
         defer_scoring: bool = False,
+        missing_eos_penalty: float = 0.0,
     ):
         _check_prompts_and_budget(prompts, max_new_tokens)
+        self.missing_eos_penalty = _check_missing_eos_penalty(missing_eos_penalty)
         self.model_name_or_path = model_name_or_path
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.vocab_size = logits_width(model_name_or_path)
@@ -212,7 +223,8 @@ class TextGenerationEnv(gym.Env[dict, int]):
         self._input_ids[position] = token
         self._attention_mask[position] = 1
         self._generated.append(token)
-        terminated = token in self.eos_token_ids or len(self._generated) >= self.max_new_tokens
+        ended_with_eos = token in self.eos_token_ids
+        terminated = ended_with_eos or len(self._generated) >= self.max_new_tokens
         reward, info = 0.0, {}
         if terminated:
             self._done = True
@@ -233,6 +245,10 @@ class TextGenerationEnv(gym.Env[dict, int]):
             terms = term_scores(self.reward_fn, 0)
             if terms is not None:
                 info["score_terms"] = terms
+        if terminated:
+            info["eos"] = ended_with_eos
+            if not ended_with_eos:
+                reward -= self.missing_eos_penalty
         if self.render_mode == "human":
             self.render()
         return self._get_obs(), reward, terminated, False, info
@@ -264,6 +280,20 @@ def _check_prompts_and_budget(prompts: Sequence[str], max_new_tokens: int) -> No
             raise ValueError(f"`prompts[{i}]` is {prompt!r}: every prompt must be a non-empty string.")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
+
+
+def _check_missing_eos_penalty(missing_eos_penalty: float) -> float:
+    """:raises ValueError: unless ``missing_eos_penalty`` is a finite number >= 0"""
+    try:
+        penalty = float(missing_eos_penalty)
+    except (TypeError, ValueError):
+        penalty = float("nan")
+    if isinstance(missing_eos_penalty, bool) or not (math.isfinite(penalty) and penalty >= 0):
+        raise ValueError(
+            f"`missing_eos_penalty` ({missing_eos_penalty!r}) must be a finite number >= 0, in the reward's units: "
+            "what a completion cut at max_new_tokens without EOS loses (0 for none)."
+        )
+    return penalty
 
 
 def _check_tokenizer_fits(tokenizer, vocab_size: int, model_name_or_path: str) -> None:

@@ -96,6 +96,14 @@ class TrainConfig:
         },
     )
     max_new_tokens: int = field(default=24, metadata={"help": "completion length limit (tokens)", "fixed_on_resume": True})
+    missing_eos_penalty: float = field(
+        default=0.0,
+        metadata={
+            "help": "taken off the reward of a completion cut at --max-new-tokens without EOS (reward units; 0: none)",
+            "fixed_on_resume": True,
+            "resume_default": 0.0,  # checkpoints from before this flag had no penalty
+        },
+    )
     n_envs: int = field(
         default=16, metadata={"help": "parallel environments (completions per rollout step)", "fixed_on_resume": True}
     )

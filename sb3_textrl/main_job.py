@@ -28,8 +28,8 @@ def make_env(config: TrainConfig, prompts: list[str], seed: int) -> VecEnv:
     that play each round on one prompt (a :class:`~sb3_textrl.common.group_vec_env.GroupedVecEnv`); with
     ``config.whole_episodes`` in rounds of whole episodes (a :class:`~sb3_textrl.common.whole_episodes.WholeEpisodeVecEnv`).
 
-    :param config: the main job's settings (``model``, ``reward``, ``reward_kwargs``, ``max_new_tokens``, ``n_envs``,
-        ``algo``, ``group_size``, ``whole_episodes``)
+    :param config: the main job's settings (``model``, ``reward``, ``reward_kwargs``, ``max_new_tokens``,
+        ``missing_eos_penalty``, ``n_envs``, ``algo``, ``group_size``, ``whole_episodes``)
     :param prompts: the training prompts
     :param seed: the base seed (env ``i`` gets ``seed + i``)
     """
@@ -39,6 +39,7 @@ def make_env(config: TrainConfig, prompts: list[str], seed: int) -> VecEnv:
         reward_fn=config.reward,
         reward_kwargs=config.reward_kwargs,
         max_new_tokens=config.max_new_tokens,
+        missing_eos_penalty=config.missing_eos_penalty,
         render_mode=None,
     )
     group_size = config.group_size if config.algo in GROUP_ALGOS else None

@@ -15,7 +15,7 @@ from stable_baselines3.common.logger import KVWriter, Logger, configure
 from transformers import AutoModelForCausalLM
 
 from sb3_textrl.common.buffers import EpisodeRolloutBuffer
-from sb3_textrl.common.callbacks import KLPenaltyCallback, LMEvalCallback, RolloutHistoryCallback
+from sb3_textrl.common.callbacks import EpisodeScores, KLPenaltyCallback, LMEvalCallback, RolloutHistoryCallback
 from sb3_textrl.common.evaluation import evaluate_prompts
 from sb3_textrl.common.kl import AdaptiveKLController
 from sb3_textrl.common.plotting import samples_markdown
@@ -235,7 +235,19 @@ def test_rollout_history_without_finished_episode(tiny_llama_path):
     first, second = history.history
     assert np.isnan(first["score"]) and first["episodes"] == 0.0 and np.isnan(first["kl"])
     assert (second["timesteps"], second["score"], second["episodes"]) == (8.0, 1.0, 1.0)
+    assert np.isnan(first["eos_fraction"]) and second["eos_fraction"] == 0.0  # cut at 8 tokens, no EOS
     assert np.isnan(second["kl"])  # no KL callback given
+
+
+def test_episode_scores_keep_the_ends_of_finished_episodes():
+    episodes = EpisodeScores()
+    infos = [{"score": 1.0, "eos": True}, {"score": 0.5, "eos": False}, {}, {"score": -1.0, "eos": False}]
+    episodes.collect(infos, np.array([True, True, False, True]))
+    episodes.collect([{"score": 2.0}], np.array([True]))  # an episode that does not say how it ended
+    assert episodes.scores == [1.0, 0.5, -1.0, 2.0] and episodes.mean() == pytest.approx(0.625)
+    assert episodes.eos == [True, False, False] and episodes.eos_fraction() == pytest.approx(1 / 3)
+    episodes.clear()
+    assert np.isnan(episodes.mean()) and np.isnan(episodes.eos_fraction())
 
 
 # --- LMEvalCallback ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from sb3_textrl.config import (
     check_resume_args,
 )
 from sb3_textrl.envs.prompts import read_prompts
+from sb3_textrl.envs.text_generation import TextGenerationEnv
 from sb3_textrl.main_job import make_kl_callback
 from sb3_textrl.policies import CausalLMActorCriticPolicy
 
@@ -40,8 +41,8 @@ YAML_STRUCTURAL_KEYS = {"env_wrapper", "vec_env_wrapper"}
 # and GRPO's --clip-range-high, --scale-rewards, --loss-type and --beta
 FLAGS = [
     "--model", "--prompts", "--eval-prompts", "--reward", "--reward-kwargs", "--algo", "--total-timesteps",
-    "--max-new-tokens", "--n-envs", "--group-size", "--whole-episodes", "--n-steps", "--batch-size", "--n-epochs",
-    "--learning-rate",
+    "--max-new-tokens", "--missing-eos-penalty", "--n-envs", "--group-size", "--whole-episodes", "--n-steps",
+    "--batch-size", "--n-epochs", "--learning-rate",
     "--kl-coef", "--kl-target", "--kl-horizon", "--kl-estimator", "--gamma", "--gae-lambda", "--clip-range",
     "--clip-range-high", "--scale-rewards", "--loss-type", "--beta", "--vf-coef", "--ent-coef", "--max-grad-norm",
     "--eval-samples", "--eval-seed", "--eval-every", "--seed", "--device", "--output-dir", "--checkpoint-every",
@@ -125,8 +126,12 @@ def test_ppo_yml_is_the_ppo_job(monkeypatch):
     assert section.get("env_wrapper") == (GROUP_MEMBER if defaults.whole_episodes else None)
     env_kwargs = dict(section["env_kwargs"])
     assert env_kwargs.pop("defer_scoring") is True  # make_text_vec_env defers the scoring to its wrapper
-    expected = {k: v for k, v in vec_env_kwargs["env_kwargs"].items() if v is not None}  # None: the env's default
-    assert {k: v for k, v in env_kwargs.items() if v is not None} == expected
+    env_defaults = {name: p.default for name, p in inspect.signature(TextGenerationEnv).parameters.items()}
+
+    def spelt(kwargs: dict) -> dict:  # the keywords that do not leave the env its default
+        return {k: v for k, v in kwargs.items() if v is not None and not (k in env_defaults and v == env_defaults[k])}
+
+    assert spelt(env_kwargs) == spelt(vec_env_kwargs["env_kwargs"])
 
     [callback] = section["callback"]
     assert list(callback) == ["sb3_textrl.KLPenaltyCallback"]
@@ -213,7 +218,8 @@ def test_resume_fixed_args_come_from_the_metadata():
     fixed = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("fixed_on_resume"))
     assert RESUME_FIXED_ARGS == fixed == config.resume_fixed_fields()
     assert RESUME_FIXED_ARGS == (
-        "reward", "reward_kwargs", "algo", "max_new_tokens", "n_envs", "group_size", "whole_episodes", "n_steps",
+        "reward", "reward_kwargs", "algo", "max_new_tokens", "missing_eos_penalty", "n_envs", "group_size", "whole_episodes",
+        "n_steps",
         "batch_size", "n_epochs",
         "kl_coef", "kl_target", "kl_horizon", "kl_estimator", "gamma", "gae_lambda", "clip_range", "clip_range_high",
         "scale_rewards", "loss_type", "beta", "vf_coef", "ent_coef", "max_grad_norm", "eval_samples", "eval_seed", "seed",

@@ -138,7 +138,7 @@ def test_eos_at_first_step_terminates(tiny_lm_path):
     assert terminated is True and truncated is False
     assert calls == [([PROMPTS[2]], [""])]
     assert reward == 0.25
-    assert info == {"prompt": PROMPTS[2], "completion": "", "score": 0.25}
+    assert info == {"prompt": PROMPTS[2], "completion": "", "score": 0.25, "eos": True}
     assert obs["attention_mask"][env.unwrapped.max_prompt_length] == 1
 
 
@@ -160,11 +160,31 @@ def test_ends_at_max_new_tokens(tiny_lm_path, max_new_tokens):
     assert terminated is True
     completion = tokenizer.decode(actions, skip_special_tokens=True)
     assert len(completion) > 0
-    assert info == {"prompt": prompt, "completion": completion, "score": len(completion) / 10 - 1}
+    assert info == {"prompt": prompt, "completion": completion, "score": len(completion) / 10 - 1, "eos": False}
     assert reward == pytest.approx(len(completion) / 10 - 1)
     assert int(obs["attention_mask"].sum()) == len(expected_prompt_ids(tiny_lm_path, prompt)) + max_new_tokens
     with pytest.raises(AssertionError, match="reset"):
         env.unwrapped.step(PLAIN_TOKEN)
+
+
+@pytest.mark.parametrize("penalty", [0.0, 0.75])
+def test_missing_eos_penalty(tiny_lm_path, penalty):
+    env = make_env(tiny_lm_path, reward_fn=lambda prompts, completions: [0.5] * len(prompts), missing_eos_penalty=penalty)
+    eos = AutoTokenizer.from_pretrained(tiny_lm_path).eos_token_id
+    env.reset(seed=0)
+    steps = [env.step(PLAIN_TOKEN) for _ in range(4)]  # cut at max_new_tokens=4, no EOS
+    assert [step[1] for step in steps] == [0.0, 0.0, 0.0, pytest.approx(0.5 - penalty)]
+    assert steps[-1][2] is True and steps[-1][4]["score"] == 0.5 and steps[-1][4]["eos"] is False
+    env.reset(seed=0)
+    env.step(PLAIN_TOKEN)
+    _, reward, terminated, _, info = env.step(eos)  # ended with EOS: no penalty
+    assert terminated and reward == 0.5 and info["score"] == 0.5 and info["eos"] is True
+
+
+@pytest.mark.parametrize("penalty", [-1.0, float("nan"), "high", True])
+def test_missing_eos_penalty_refused(tiny_lm_path, penalty):
+    with pytest.raises(ValueError, match="missing_eos_penalty"):
+        make_env(tiny_lm_path, missing_eos_penalty=penalty)
 
 
 def test_vader_reward(tiny_llama_path):
@@ -358,7 +378,7 @@ def test_episodes(lm_paths, case):
             continue
         # ends exactly here, scored once, with a complete info
         event("EOS at step 0" if t == 0 and token in eos else "EOS" if token in eos else "max_new_tokens reached")
-        assert set(info) == {"prompt", "completion", "score"}
+        assert set(info) == {"prompt", "completion", "score", "eos"} and info["eos"] is (token in eos)
         assert info["prompt"] in prompts
         assert reward_fn.calls == [([info["prompt"]], [info["completion"]])]
         assert reward == info["score"] == float(len(info["completion"]))

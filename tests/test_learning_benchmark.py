@@ -6,6 +6,8 @@ import copy
 import csv
 import os
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from conftest import letter_fraction
@@ -89,14 +91,65 @@ def test_parse_configuration(benchmarks_path):
     assert spec == Configuration(
         "fast", "library", {"learning_rate": 3e-5, "policy.lean_activations": False, "target_kl": 0.1, "kl_estimator": "k3"}
     )
-    config, policy_kwargs, algo_kwargs = library_settings(spec, "some-model", seed=3)
+    config, policy_kwargs, algo_kwargs, ab = library_settings(spec, "some-model", seed=3)
     assert (config.learning_rate, config.kl_estimator, config.seed, config.model) == (3e-5, "k3", 3, "some-model")
-    assert policy_kwargs == {"lean_activations": False} and algo_kwargs == {"target_kl": 0.1}
-    spec = parse_configuration("w:buffer.whiten_advantages=True,normalize_advantage=False")
-    _, _, algo_kwargs = library_settings(spec, "some-model", seed=0)
+    assert policy_kwargs == {"lean_activations": False} and algo_kwargs == {"target_kl": 0.1} and ab == {}
+    spec = parse_configuration("w:buffer.whiten_advantages=True,normalize_advantage=False,ab.value_warmup_rollouts=2")
+    _, _, algo_kwargs, ab = library_settings(spec, "some-model", seed=0)
     assert algo_kwargs == {"rollout_buffer_kwargs": {"whiten_advantages": True}, "normalize_advantage": False}
+    assert ab == {"value_warmup_rollouts": 2}
+    for bad in ("x:ab.normalise_scores=True", "x:ab.value_warmup_rollouts=two"):
+        with pytest.raises(ValueError, match=r"ab\."):
+            library_settings(parse_configuration(bad), "some-model", seed=0)
     assert parse_configuration("p:base=plain,learning_rate=2e-5") == Configuration("p", "plain", {"learning_rate": 2e-5})
     assert parse_configuration("g:algo=grpo,iterations=25") == Configuration("g", "library", {"algo": "grpo"}, 25)
     for bad in ("library:vf_coef=1", ":vf_coef=1", "x:vf_coef", "x:base=trl", "x:iterations=0", "x:iterations=2.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_configuration(bad)
+
+
+class _ScoredStep(gym.Env):
+    """One-step episodes paying ``reward`` with ``info["score"]`` (``ends=False``: never ends, reward 0.25, no score)."""
+
+    observation_space = gym.spaces.Discrete(1)
+    action_space = gym.spaces.Discrete(1)
+
+    def __init__(self, reward: float, ends: bool = True):
+        self.reward, self.ends = reward, ends
+
+    def reset(self, *, seed=None, options=None):
+        return 0, {}
+
+    def step(self, action):
+        if not self.ends:
+            return 0, 0.25, False, False, {}
+        return 0, self.reward, True, False, {"score": self.reward}
+
+
+def test_score_normalization_by_hand(benchmarks_path):
+    from ab_options import ScoreNormalization
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    env = ScoreNormalization(DummyVecEnv([lambda: _ScoredStep(1.0), lambda: _ScoredStep(3.0), lambda: _ScoredStep(9, False)]))
+    env.reset()
+    _, rewards, _, infos = env.step(np.zeros(3, dtype=np.int64))
+    # the finished scores 1 and 3: mean 2, variance 1 (the running statistics start from a count of 1e-4)
+    assert rewards.tolist() == pytest.approx([-1.0, 1.0, 0.25], abs=1e-3)
+    assert [info.get("score") for info in infos] == [1.0, 3.0, None]  # the raw scores stay in the infos
+    _, rewards, _, _ = env.step(np.zeros(3, dtype=np.int64))  # the same scores again: mean 2, variance 1
+    assert rewards.tolist() == pytest.approx([-1.0, 1.0, 0.25], abs=1e-3)
+
+
+def test_value_warmup_trains_the_value_head_alone_first(tiny_llama_path, benchmarks_path):
+    from ab_options import ValueWarmup
+    from conftest import make_vec
+    from stable_baselines3 import PPO
+
+    model = PPO("LMPolicy", make_vec(tiny_llama_path), n_steps=4, batch_size=4, n_epochs=1, learning_rate=1e-2, seed=0)
+    embeddings = model.policy.lm.get_input_embeddings().weight
+    lm_before, value_before = embeddings.detach().clone(), model.policy.value_head.weight.detach().clone()
+    warmup = ValueWarmup(1)
+    model.learn(8, callback=warmup)  # one rollout and its update: the value head only
+    assert torch.equal(embeddings, lm_before) and not torch.equal(model.policy.value_head.weight, value_before)
+    model.learn(8, callback=warmup, reset_num_timesteps=False)  # the next update trains the LM too
+    assert not torch.equal(embeddings, lm_before) and embeddings.requires_grad

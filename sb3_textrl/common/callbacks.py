@@ -54,12 +54,14 @@ def flat_observations(buffer: RolloutBuffer | DictRolloutBuffer, device: th.devi
 class EpisodeScores:
     """
     The raw scores (``info["score"]``) and per-term scores (``info["score_terms"]``) of the episodes that end, collected
-    step by step: ``scores`` (one float per finished episode) and ``terms`` (``{term: [float, ...]}``).
+    step by step: ``scores`` (one float per finished episode), ``terms`` (``{term: [float, ...]}``) and ``eos``
+    (``info["eos"]``: whether the completion ended with an EOS token, for the episodes that say).
     """
 
     def __init__(self) -> None:
         self.scores: list[float] = []
         self.terms: dict[str, list[float]] = {}
+        self.eos: list[bool] = []
 
     def collect(self, infos: list[dict], dones: np.ndarray) -> None:
         """
@@ -73,14 +75,20 @@ class EpisodeScores:
                 self.scores.append(float(info["score"]))
                 for term, value in info.get("score_terms", {}).items():
                     self.terms.setdefault(term, []).append(float(value))
+                if "eos" in info:
+                    self.eos.append(bool(info["eos"]))
 
     def mean(self) -> float:
         """The mean score of the episodes kept, ``nan`` when there is none."""
         return float(np.mean(self.scores)) if self.scores else float("nan")
 
+    def eos_fraction(self) -> float:
+        """The fraction of the episodes kept whose completion ended with EOS, ``nan`` when none says."""
+        return float(np.mean(self.eos)) if self.eos else float("nan")
+
     def clear(self) -> None:
         """Forget the episodes kept."""
-        self.scores, self.terms = [], {}
+        self.scores, self.terms, self.eos = [], {}, []
 
 
 class TimestepsProgressBarCallback(ProgressBarCallback):
@@ -119,9 +127,9 @@ class KLPenaltyCallback(BaseCallback):
 
     Logged: ``rollout/ref_kl`` (mean KL per episode, nats: total KL over the number of finished episodes),
     ``rollout/ref_kl_per_token``, ``rollout/score`` (mean raw score, ``info["score"]``, of the episodes that finished),
-    ``rollout/score/<term>`` for each term of a combined reward (``info["score_terms"]``),
-    ``rollout/penalized_return`` (mean score minus ``kl_coef`` times KL per episode) and ``train/kl_coef``
-    (the coefficient used for this rollout).
+    ``rollout/score/<term>`` for each term of a combined reward (``info["score_terms"]``), ``rollout/eos_fraction`` (the
+    fraction of the finished completions that ended with EOS, ``info["eos"]``), ``rollout/penalized_return`` (mean score
+    minus ``kl_coef`` times KL per episode) and ``train/kl_coef`` (the coefficient used for this rollout).
 
     :param kl_coef: the KL penalty coefficient (beta, >= 0; default 0.05): a number (fixed; 0 disables the penalty, KL is
         still logged), or a controller, e.g. ``AdaptiveKLController(kl_coef=0.1, target=6.0, horizon=10_000)``
@@ -179,6 +187,8 @@ class KLPenaltyCallback(BaseCallback):
         self.logger.record("rollout/score", score)
         for term, values in self._episodes.terms.items():
             self.logger.record(f"rollout/score/{term}", float(np.mean(values)))
+        if self._episodes.eos:
+            self.logger.record("rollout/eos_fraction", self._episodes.eos_fraction())
         self._episodes.clear()
         self.logger.record("rollout/penalized_return", score - kl_coef * self.last_kl)
         self.logger.record("train/kl_coef", kl_coef)
@@ -189,11 +199,11 @@ class RolloutHistoryCallback(BaseCallback):
     """
     Record, for each rollout, the mean score of the episodes that finished in it and the KL to the reference model.
 
-    ``history`` is a list of dicts with keys ``timesteps``, ``score`` (mean raw score, ``nan`` if no episode
-    finished), ``episodes``, and ``kl`` and ``kl_coef`` (from a :class:`KLPenaltyCallback` given as ``kl_callback``,
-    placed before this callback; else ``nan``). ``kl_coef`` is the coefficient for the next rollout. A combined reward
-    adds ``score/<term>`` for each of its terms. Every value is a Python float; scores are in the reward's units, KL in
-    nats per episode.
+    ``history`` is a list of dicts with keys ``timesteps``, ``score`` (mean raw score, ``nan`` if no episode finished),
+    ``episodes``, ``eos_fraction`` (the fraction of them that ended with EOS, ``nan`` if none says), and ``kl`` and
+    ``kl_coef`` (from a :class:`KLPenaltyCallback` given as ``kl_callback``, placed before this callback; else ``nan``).
+    ``kl_coef`` is the coefficient for the next rollout. A combined reward adds ``score/<term>`` for each of its terms.
+    Every value is a Python float; scores are in the reward's units, KL in nats per episode.
 
     :param kl_callback: the run's KL penalty callback, if any (default: none)
     :param verbose: verbosity level
@@ -215,6 +225,7 @@ class RolloutHistoryCallback(BaseCallback):
                 "timesteps": float(self.num_timesteps),
                 "score": self._episodes.mean(),
                 "episodes": float(len(self._episodes.scores)),
+                "eos_fraction": self._episodes.eos_fraction(),
                 "kl": self.kl_callback.last_kl if self.kl_callback is not None else float("nan"),
                 "kl_coef": self.kl_callback.kl_coef if self.kl_callback is not None else float("nan"),
             }
