@@ -60,17 +60,22 @@ def test_learning_benchmark_smoke(tiny_llama_path, benchmarks_path, tmp_path, ca
     argv = ["--model", tiny_llama_path, "--seeds", "0", "--iterations", "1", "--eval-samples", "1", "--out", str(out)]
     argv += ["--configs", "library", "plain", "--config", "vf:vf_coef=0.5,n_epochs=1"]
     argv += ["--config", "grpo:algo=grpo,group_size=2,iterations=2"]  # its own budget: 2 rollouts
+    argv += ["--config", "ab:algo=ppo,ab.normalize_scores=True,ab.value_warmup_rollouts=1,missing_eos_penalty=0.5"]
     assert learning.main(argv) == 0
     with open(out / "learning.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     # start and end of each configuration
     expected = [(c, i) for c in ("library", "plain", "vf") for i in "01"] + [("grpo", "0"), ("grpo", "2")]
-    assert [(r["config"], r["iteration"]) for r in rows] == expected
+    assert [(r["config"], r["iteration"]) for r in rows] == [*expected, ("ab", "0"), ("ab", "1")]
     assert all(r["seed"] == "0" for r in rows) and float(rows[1]["train_seconds"]) > 0
-    assert int(rows[-1]["tokens"]) == 2 * 16 * 24  # two rounds of 16 completions of 24 tokens (the tiny LM never ends)
+    assert int(rows[-3]["tokens"]) == 2 * 16 * 24  # two rounds of 16 completions of 24 tokens (the tiny LM never ends)
+    # the first update of "ab" trains the value head alone: the policy is still the reference
+    assert float(rows[-1]["kl"]) == 0.0 and float(rows[1]["kl"]) > 0.0
     assert (out / "learning.png").stat().st_size > 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "| library | 1 |" in table and "| vf | 1 |" in table and "| plain | 1 |" in table and "| grpo | 1 | 2.0 |" in table
+    assert "EOS 0.00" in captured.err  # the fraction of rollout completions that end with EOS
 
     # the report of runs made apart: no training, the same table; a configuration's seconds from the idle machine
     merged = tmp_path / "merged"
