@@ -278,6 +278,11 @@ class TrainConfig:
             raise ValueError(f"`--eval-every` (rollouts) must be >= 0, got {self.eval_every}; 0 disables it.")
         if not self.beta >= 0:
             raise ValueError(f"`--beta` (the KL coefficient in the loss) must be >= 0, got {self.beta}; 0 turns it off.")
+        if not 0 <= self.missing_eos_penalty < float("inf"):
+            raise ValueError(
+                f"`--missing-eos-penalty` (reward units) must be a finite number >= 0, got {self.missing_eos_penalty}; "
+                "0 turns it off."
+            )
         if self.activation_checkpointing < 0:
             raise ValueError(
                 f"`--activation-checkpointing` (every N-th decoder layer) must be >= 0, got {self.activation_checkpointing}; "

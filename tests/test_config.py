@@ -266,6 +266,8 @@ def test_resume_of_a_checkpoint_from_before_whole_episodes():
         (dict(batch_size=512), r"`--batch-size` \(512\) is larger than a rollout, `--n-steps \* --n-envs`"),
         (dict(fsdp=True), "torchrun"),
         (dict(beta=-0.1), "`--beta` .* must be >= 0"),
+        (dict(missing_eos_penalty=-1.0), "`--missing-eos-penalty` .* must be a finite number >= 0"),
+        (dict(missing_eos_penalty=float("nan")), "`--missing-eos-penalty` .* must be a finite number >= 0"),
         (dict(algo="grpo", n_envs=6), r"`--group-size` \(4\) must divide `--n-envs` \(6\).* --n-envs=8"),
         (dict(algo="rloo", group_size=1), "`--group-size` must be an integer >= 2.* got 1: e.g. --group-size=4"),
         (dict(algo="grpo", group_size=3), r"`--group-size` \(3\) must divide `--n-envs` \(16\).* --n-envs=15"),
