@@ -1,5 +1,5 @@
 """Variants of the main job that the learning benchmark tries as A/B rows (``--config NAME:ab.KEY=VALUE``) and the
-library does not offer, since they did not pay (docs/learning.md has the rows):
+library does not offer, since they gained nothing at a bounded KL (docs/learning.md has the rows):
 
 - ``ab.normalize_scores=True``: :class:`ScoreNormalization`, the scores normalised by their running mean and std;
 - ``ab.value_warmup_rollouts=N``: :class:`ValueWarmup`, the value head trained alone for the first N rollouts.
