@@ -111,7 +111,7 @@ class TextGenerationEnv(gym.Env[dict, int]):
     an action that is not a token id, ``reset`` for an unknown ``options["prompt"]``.
 
     ## Version History
-    - v0: initial version
+    - v0: initial version; later, ``missing_eos_penalty`` (default 0: rewards unchanged) and ``info["eos"]``
     """
 
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
