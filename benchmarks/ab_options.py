@@ -25,8 +25,8 @@ class ScoreNormalization(VecEnvWrapper):
     The reward of each finished episode's last step (its score, less any missing-EOS penalty) normalised by the running
     mean and standard deviation of those rewards: ``(r - mean) / sqrt(var + epsilon)``, the statistics first updated with
     the step's finished episodes (SB3's :class:`~stable_baselines3.common.running_mean_std.RunningMeanStd`). Ziegler et
-    al. (2019), "Fine-Tuning Language Models from Human Preferences", section 2.2, normalise their reward model to mean
-    0 and variance 1 over the initial policy's samples; this is the running form. The other steps' rewards (0 for a
+    al. (2019), "Fine-Tuning Language Models from Human Preferences", normalise their reward model to mean 0 and
+    variance 1 over the initial policy's samples; this is the running form. The other steps' rewards (0 for a
     sequence-level reward) are left as they are, and so is ``info["score"]``.
 
     Put it outermost (the algorithm's rewards), where an ended episode has ``done`` and ``info["score"]``.
